@@ -1,0 +1,288 @@
+"""The typed config: one YAML file with sections, ``--set key.path=value`` overrides, validation with key paths.
+
+A config is a tree of dataclasses. Each field's ``help`` metadata is its documentation (``effine config --help``
+prints it). Loading never guesses: an unknown key is an error that names its key path and suggests the nearest
+valid key; a value of the wrong type or outside its allowed set names the key path and what is allowed.
+
+    cfg = load_config("configs/smollm2-135m-lora.yaml", overrides=["train.lr=1e-4"])
+    cfg.train.lr  # 1e-4
+
+The resolved config (after overrides and defaults) is written to every run directory as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from effine.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field whose ``help`` is the user-facing documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m-instruct", "Base model: a short name (smollm2-135m-instruct, gemma3-270m), a local "
+                   "transformers model dir, a .gguf file, or a Hugging Face Hub id (org/name).")
+    dtype: Literal["bf16", "fp32", "fp16"] = _f("bf16", "Compute dtype of the base weights and activations.")
+    attn: Literal["auto", "sdpa", "eager", "flash_attn"] = _f(
+        "auto", "Attention backend (auto picks the fastest available for the device).")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) when `name` is a hub id.")
+    trust_remote_code: bool = _f(False, "Run model code shipped with a hub repo. Off by default: it executes "
+                                 "untrusted Python.")
+    cache_dir: str | None = _f(None, "Where converted models are cached (default: $EFFINE_CACHE or ~/.cache/effine).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% slower.")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("builtin:chitchat", "Training data: a .jsonl/.json/.csv/.parquet file, or builtin:NAME "
+                   "(builtin:chitchat, builtin:evals, builtin:wordnet).")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = _f(
+        "auto", "Row format; auto detects it from the first row's keys.")
+    eval_path: str | None = _f(None, "Held-out data file; when unset, `eval_fraction` of the rows are held out.")
+    eval_fraction: float = _f(0.05, "Share of rows held out for eval when `eval_path` is unset (0 disables eval).")
+    max_eval_rows: int | None = _f(200, "Cap on held-out rows (keeps periodic eval cheap).")
+    limit: int | None = _f(None, "Use only the first N rows of the training file (after shuffling: no).")
+    max_length: int = _f(512, "Maximum tokens per sample (and per packed row).")
+    overlength: Literal["truncate", "drop", "error"] = _f(
+        "truncate", "What to do with samples longer than max_length.")
+    train_on: Literal["assistant", "last_assistant", "all"] = _f(
+        "assistant", "Which tokens carry labels: every assistant turn (and its end-of-turn token), only the last "
+        "assistant turn, or all tokens. Prompt/completion rows train the completion; text rows train all.")
+    chat_template: str | None = _f(None, "Override the chat template: a Jinja string, a path to a .jinja file, or "
+                                   "a built-in name (chatml). Unset: the tokenizer's own; models without one use "
+                                   "chatml (announced in the log).")
+    system_prompt: str | None = _f(None, "System message prepended to every conversation that has none.")
+    packing: bool = _f(False, "Pack several samples per row (attention stays within each sample).")
+    seed: int = _f(1234, "Seed for the train/eval split and the shuffling order.")
+
+
+@dataclass
+class AdapterConfig:
+    method: Literal["lora", "full"] = _f("lora", "lora trains low-rank adapters; full trains every weight.")
+    r: int = _f(16, "LoRA rank.", min=1)
+    alpha: float = _f(32.0, "LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with rslora).")
+    dropout: float = _f(0.0, "Dropout on the LoRA input.", min=0.0, max=1.0)
+    rslora: bool = _f(False, "Rank-stabilised LoRA scaling alpha / sqrt(r).")
+    target_modules: list[str] | None = _f(None, "Module name suffixes to adapt; unset: every linear projection of "
+                                          "the family's attention and MLP.")
+
+
+@dataclass
+class QuantConfig:
+    method: Literal["none", "nf4", "fp4", "int8", "int4"] = _f("none", "Store frozen base weights quantized (QLoRA).")
+    group_size: int = _f(64, "Group size for int4/int8 affine quantization.")
+    blocksize: int = _f(64, "Block size for nf4/fp4.")
+    double_quant: bool = _f(True, "Quantize the nf4/fp4 block scales too (QLoRA double quantization).")
+    qat_bits: int | None = _f(None, "Quantization-aware training: fake-quantize trained weights to this many bits.")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = _f(None, "Optimizer steps to run (overrides epochs).")
+    batch_size: int = _f(4, "Samples per micro-batch.", min=1)
+    grad_accum: int = _f(1, "Micro-batches per optimizer step. The loss is normalised by the supervised tokens "
+                         "of the whole window, so batch 8 x accum 1 == batch 1 x accum 8.", min=1)
+    lr: float = _f(2e-4, "Peak learning rate.", min=0.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay, applied to weight matrices only (not to norms and biases).")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
+    warmup_steps: int | None = _f(None, "Linear warmup steps; unset uses warmup_ratio.")
+    warmup_ratio: float = _f(0.05, "Warmup as a share of total steps.", min=0.0, max=1.0)
+    schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate decay after warmup.")
+    min_lr_ratio: float = _f(0.1, "Final learning rate as a share of the peak (cosine/linear).")
+    max_grad_norm: float | None = _f(1.0, "Clip gradients to this global norm (unset: no clipping).")
+    seed: int = _f(42, "Seed for initialisation, dropout and data order.")
+    log_every: int = _f(10, "Log metrics every N optimizer steps.", min=1)
+    eval_every: int | None = _f(None, "Evaluate every N optimizer steps (unset: only at the start and end).")
+    save_every: int | None = _f(None, "Checkpoint every N optimizer steps (unset: only at the end).")
+    threads: int | None = _f(None, "CPU threads for torch (unset: all cores).")
+    compile: bool = _f(False, "torch.compile the model (measure first: it does not always help on CPU).")
+    loss_impl: Literal["chunked", "reference"] = _f("chunked", "Loss kernel: chunked never builds full logits.")
+
+
+@dataclass
+class EvalConfig:
+    max_batches: int | None = _f(None, "Cap on eval batches per evaluation.")
+    batch_size: int | None = _f(None, "Eval micro-batch size (default: train.batch_size).")
+    prompts: list[str] = _f([], "Prompts to generate from before and after training (shown side by side).")
+    prompts_from_eval: int = _f(2, "Also take the first N held-out conversations' prompts as sample prompts.")
+    max_new_tokens: int = _f(48, "Tokens to generate per sample prompt.", min=1)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs/{model}-{method}", "Run directory ({model} and {method} are filled in).")
+    overwrite: bool = _f(False, "Allow writing into a run directory that already holds a finished run.")
+    save_merged: bool = _f(False, "Also save the merged model (base + adapter) as a transformers model dir.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _suggest(key: str, valid: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        return f" Did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
+    return f" Valid keys{' of ' + prefix if prefix else ''}: {', '.join(sorted(valid))}."
+
+
+def _check_value(path: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
+    """Coerce and check one value against its annotated type; raise ConfigError naming the key path."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(path, value, inner[0], meta)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.4)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {', '.join(map(str, args))}.{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}.")
+        return [_check_value(f"{path}[{i}]", v, args[0], {}) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}.")
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}.")
+        if tp is int and float(value) != int(value):
+            raise ConfigError(f"{path}: expected a whole number, got {value!r}.")
+        value = tp(value)
+        if "min" in meta and value < meta["min"]:
+            raise ConfigError(f"{path}: {value} is below the minimum {meta['min']}.")
+        if "max" in meta and value > meta["max"]:
+            raise ConfigError(f"{path}: {value} is above the maximum {meta['max']}.")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}.")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(data).__name__}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{path}'.{_suggest(str(key), list(fields), prefix)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, path)
+        else:
+            kwargs[key] = _check_value(path, value, tp, dict(fields[key].metadata))
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """`--set` values are YAML scalars: 1e-4 -> float, true -> bool, null -> None, [a, b] -> list."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string; accept the float people mean.
+        try:
+            return float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides onto a raw config mapping (validated later with everything else)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set train.lr=1e-4.")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{p}' is not a section.")
+        node[parts[-1]] = _parse_scalar(text)
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults when `path` is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: config file not found. See configs/ for examples.")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, train: ...).")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key path, default, help) for every field: the source of `effine config --help`."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], path)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+            rows.append((path, repr(default), f.metadata.get("help", "")))
+    return rows
