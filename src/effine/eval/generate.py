@@ -1,0 +1,46 @@
+"""Greedy generation for before/after samples and `effine generate`."""
+
+from __future__ import annotations
+
+import torch
+
+
+def prompt_ids_for(tokenizer, prompt: str, chat: bool = True, system_prompt: str | None = None) -> list[int]:
+    """Token ids of a user prompt, through the chat template when the tokenizer has one."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+        msgs.append({"role": "user", "content": prompt})
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        bos = tokenizer.bos_token_id
+        # Exactly one BOS, as in training: add it only when the tokenizer would and the template did not.
+        adds_bos = bos is not None and tokenizer("x").input_ids[:1] == [bos]
+        if adds_bos and ids[:1] != [bos]:
+            ids = [bos] + ids
+        return ids
+    return tokenizer(prompt).input_ids
+
+
+def prompt_from_example(example) -> list[int]:
+    """The tokens before the last trained span of a held-out example: the conversation up to its last reply."""
+    labels = example.labels
+    last = max(i for i, y in enumerate(labels) if y != -100)
+    start = last
+    while start > 0 and labels[start - 1] != -100:
+        start -= 1
+    return list(example.input_ids[:start])
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int = 48) -> str:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    # Stop at the tokenizer's EOS and whatever the model's generation config names (e.g. an end-of-turn token).
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stop = {tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=sorted(stop) or None, pad_token_id=tokenizer.pad_token_id)
+    model.train(was_training)
+    return tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True).strip()

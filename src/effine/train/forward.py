@@ -1,0 +1,55 @@
+"""One forward pass to a summed next-token loss, shared by training and evaluation.
+
+We call the model's backbone (the decoder stack, without the output head) and compute the loss ourselves, so the
+output projection runs only where a label exists and the full (B, T, V) fp32 logits never exist
+(``effine.ops.loss``). The loss is a SUM over supervised tokens; the caller divides by the number of supervised
+tokens of the whole accumulation window, which is what makes batch 8 x accum 1 equal batch 1 x accum 8.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from effine.ops.loss import next_token_loss
+
+
+def count_supervised(labels: torch.Tensor) -> int:
+    """Tokens that are a prediction target: labels shifted by one (position t predicts t+1)."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def model_inputs(batch: dict) -> dict:
+    """Backbone kwargs for a collated batch.
+
+    Right-padded rows need no attention mask: with causal attention a real token never sees the padding that
+    follows it, and leaving the mask out lets SDPA take its ``is_causal`` path, which skips the upper triangle.
+    Packed rows (several documents per row) pass position ids restarting per document; the document boundaries
+    reach the attention backend through ``effine.ops.attention.packed_sequences`` (see the training loop).
+    """
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+
+
+def loss_sum(model: nn.Module, batch: dict, impl: str = "chunked") -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over supervised tokens, and their count."""
+    from effine.ops.attention import packed_sequences
+
+    packed = any(len(d) > 1 for d in batch["doc_lengths"])
+    ctx = packed_sequences(batch["doc_lengths"]) if packed else nullcontext()
+    with ctx:
+        hidden = model.base_model(**model_inputs(batch)).last_hidden_state  # (B, T, H)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    labels = batch["labels"]
+    if isinstance(head, nn.Linear) and head.bias is None:
+        return next_token_loss(hidden, head.weight, labels, impl=impl, softcap=softcap)
+    # An adapted or biased head: project only the supervised positions through the module itself.
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    keep = y != -100
+    logits = head(h[keep]).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return nn.functional.cross_entropy(logits, y[keep], reduction="sum"), int(keep.sum())

@@ -1,0 +1,212 @@
+"""A whole fine-tuning run: config -> model -> data -> before -> train -> after -> adapter + report.
+
+    run_dir/
+      config.yaml          the resolved config (after --set overrides and defaults)
+      train.log            everything printed
+      data_report.txt      rows kept/dropped (with file:line), token stats
+      metrics.jsonl        one JSON object per log/eval event
+      checkpoints/         resumable checkpoints (trainable weights, optimizer, RNG, loop position)
+      adapter/             PEFT-format adapter (adapter_config.json + adapter_model.safetensors) + tokenizer
+      model/               full fine-tuning (or output.save_merged): a transformers model dir
+      report.md            before/after eval loss and sample generations
+      loss.png             the loss curves
+      summary.json         the numbers of report.md, machine-readable
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from effine.config import Config, save_config
+from effine.errors import ConfigError
+from effine.eval.evaluate import evaluate
+from effine.eval.generate import generate, prompt_from_example, prompt_ids_for
+from effine.model.loader import load_model, load_tokenizer, resolve_model_dir
+from effine.train.checkpoint import LoopState, latest_checkpoint, load_checkpoint
+from effine.train.metrics import MetricsLog, plot_losses
+from effine.train.optim import build_optimizer
+
+
+class RunLog:
+    """Print and append to run_dir/train.log."""
+
+    def __init__(self, path: Path):
+        self.f = path.open("a")
+
+    def __call__(self, msg: str) -> None:
+        print(msg, flush=True)
+        self.f.write(msg + "\n")
+        self.f.flush()
+
+
+def resolve_run_dir(cfg: Config) -> Path:
+    name = Path(cfg.model.name).stem if cfg.model.name.endswith(".gguf") else cfg.model.name.rstrip("/")
+    name = name.replace("/", "--").split("--")[-1] if "/" in name else name
+    return Path(cfg.output.dir.format(model=name, method=cfg.adapter.method if cfg.quant.method == "none"
+                                      else f"q{cfg.quant.method}-{cfg.adapter.method}"))
+
+
+def prepare_model(cfg: Config, model_dir: Path, log) -> torch.nn.Module:
+    """Load the base, quantize frozen weights if asked, and make only the trained parameters require grad."""
+    from effine.ops.attention import enable as enable_attention
+
+    model = load_model(model_dir, cfg.model.dtype, attn="sdpa", trust_remote_code=cfg.model.trust_remote_code)
+    backend = enable_attention(model, cfg.model.attn)
+    log(f"attention backend: {backend}")
+    if cfg.quant.method != "none":
+        if cfg.adapter.method == "full":
+            raise ConfigError("quant.method: a quantized base is frozen; use adapter.method=lora with it (QLoRA).")
+        from effine.quant import quantize_model
+
+        n = quantize_model(model, cfg.quant.method, group_size=cfg.quant.group_size, blocksize=cfg.quant.blocksize,
+                           double_quant=cfg.quant.double_quant)
+        log(f"quantized {n} linear layers to {cfg.quant.method}")
+    if cfg.quant.qat_bits:
+        from effine.quant import apply_qat
+
+        n = apply_qat(model, bits=cfg.quant.qat_bits, group_size=cfg.quant.group_size)
+        log(f"QAT: fake-quantizing {n} linear layers to {cfg.quant.qat_bits} bits")
+    if cfg.adapter.method == "lora":
+        from effine.adapters import count_parameters, inject_lora
+
+        names = inject_lora(model, cfg.adapter)
+        trainable, total = count_parameters(model)
+        log(f"LoRA r={cfg.adapter.r} alpha={cfg.adapter.alpha} on {len(names)} modules: "
+            f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        log(f"full fine-tuning: {sum(p.numel() for p in model.parameters()):,} parameters")
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def sample_prompts(cfg: Config, tokenizer, eval_set: list) -> list[tuple[str, list[int]]]:
+    prompts = [(p, prompt_ids_for(tokenizer, p, system_prompt=cfg.data.system_prompt)) for p in cfg.eval.prompts]
+    for ex in eval_set[: cfg.eval.prompts_from_eval]:
+        ids = prompt_from_example(ex)
+        prompts.append((tokenizer.decode(ids, skip_special_tokens=False)[-300:], ids))
+    return prompts
+
+
+def _write_report(run_dir: Path, cfg: Config, summary: dict, samples: list[dict]) -> None:
+    lines = [f"# effine run: {cfg.model.name} ({cfg.adapter.method})", "",
+             "| | before | after |", "|---|---|---|",
+             f"| eval loss | {summary['eval_before']['eval_loss']:.4f} | {summary['eval_after']['eval_loss']:.4f} |",
+             f"| eval perplexity | {summary['eval_before']['eval_ppl']:.2f} | {summary['eval_after']['eval_ppl']:.2f} |",
+             "", f"Trained {summary['steps']} steps in {summary['train_seconds']:.0f} s: "
+             f"{summary['tokens_per_s']:.0f} tokens/s ({summary['supervised_per_s']:.0f} supervised tokens/s).", "",
+             "## Samples (greedy)", ""]
+    for s in samples:
+        lines += [f"**Prompt** (last 300 chars): `{s['prompt'][-300:]!r}`", "",
+                  f"- before: {s['before']!r}", f"- after: {s['after']!r}", ""]
+    (run_dir / "report.md").write_text("\n".join(lines))
+
+
+def run_training(cfg: Config, resume: bool = False) -> dict:
+    from effine.data import build_datasets
+
+    run_dir = resolve_run_dir(cfg)
+    if (run_dir / "summary.json").exists() and not (cfg.output.overwrite or resume):
+        raise ConfigError(f"output.dir: {run_dir} already holds a finished run; choose another output.dir or "
+                          "set output.overwrite=true.")
+    if resume and latest_checkpoint(run_dir) is None:
+        raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    log = RunLog(run_dir / "train.log")
+    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    torch.manual_seed(cfg.train.seed)
+    log(f"effine: run dir {run_dir} | torch {torch.__version__} | {platform.machine()} | "
+        f"{torch.get_num_threads()} threads")
+
+    t0 = time.perf_counter()
+    model_dir = resolve_model_dir(cfg.model.name, cfg.model.cache_dir, cfg.model.revision)
+    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    train_set, eval_set, report = build_datasets(cfg.data, tokenizer, cache_dir=model_dir.parent.parent, log=log)
+    (run_dir / "data_report.txt").write_text(report.format())
+    log(report.format())
+    if not train_set:
+        raise ConfigError(f"data.path: no usable training rows in {cfg.data.path} (see {run_dir}/data_report.txt).")
+    t_data = time.perf_counter()
+    model = prepare_model(cfg, model_dir, log)
+    t_model = time.perf_counter()
+    pad_id = tokenizer.pad_token_id
+    eval_bs = cfg.eval.batch_size or cfg.train.batch_size
+
+    def run_eval(step: int) -> dict:
+        res = evaluate(model, eval_set, eval_bs, pad_id, cfg.eval.max_batches, impl=cfg.train.loss_impl)
+        metrics.write("eval", step=step, **res)
+        return res
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, cfg.train)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    state, samples = LoopState(), []
+    prompts = sample_prompts(cfg, tokenizer, eval_set)
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        state = load_checkpoint(ckpt, model, optimizer)
+        log(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, micro-batch {state.batch_index})")
+        before = json.loads((run_dir / "before.json").read_text()) if (run_dir / "before.json").exists() else {}
+        eval_before = before.get("eval", {"eval_loss": float("nan"), "eval_ppl": float("nan")})
+        gens_before = before.get("samples", [""] * len(prompts))
+    else:
+        log("evaluating the base model ...")
+        eval_before = run_eval(0)
+        gens_before = [generate(model, tokenizer, ids, cfg.eval.max_new_tokens) for _, ids in prompts]
+        (run_dir / "before.json").write_text(json.dumps({"eval": eval_before, "samples": gens_before}))
+        log(f"before: eval_loss {eval_before['eval_loss']:.4f} (ppl {eval_before['eval_ppl']:.2f})")
+    log(f"time to first step: data {t_data - t0:.1f}s, model {t_model - t_data:.1f}s, "
+        f"eval+samples {time.perf_counter() - t_model:.1f}s")
+
+    from effine.train.loop import train_loop
+
+    result = train_loop(model, optimizer, train_set, cfg.train, pad_id, run_dir, metrics, state, run_eval, log)
+    eval_after = run_eval(result.state.step)
+    gens_after = [generate(model, tokenizer, ids, cfg.eval.max_new_tokens) for _, ids in prompts]
+    log(f"after:  eval_loss {eval_after['eval_loss']:.4f} (ppl {eval_after['eval_ppl']:.2f}) "
+        f"[before {eval_before['eval_loss']:.4f}]")
+    for (p, _), b, a in zip(prompts, gens_before, gens_after):
+        samples.append({"prompt": p, "before": b, "after": a})
+        log(f"\n--- prompt: ...{p[-160:]!r}\n    before: {b!r}\n    after:  {a!r}")
+
+    save_outputs(cfg, model, tokenizer, model_dir, run_dir, log)
+    metrics.close()
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    summary = {"run_dir": str(run_dir), "steps": result.state.step, "train_seconds": result.seconds,
+               "tokens_per_s": result.tokens_per_s, "supervised_per_s": result.supervised_per_s,
+               "final_train_loss": result.last_loss, "eval_before": eval_before, "eval_after": eval_after,
+               "data": report.to_dict() if hasattr(report, "to_dict") else None}
+    _write_report(run_dir, cfg, summary, samples)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"done: {run_dir}/report.md")
+    return summary
+
+
+def save_outputs(cfg: Config, model, tokenizer, model_dir: Path, run_dir: Path, log) -> None:
+    if cfg.adapter.method == "lora":
+        from effine.adapters import merge_lora, save_adapter
+
+        save_adapter(model, run_dir / "adapter", cfg.adapter, base_model_name_or_path=str(model_dir))
+        tokenizer.save_pretrained(run_dir / "adapter")
+        log(f"adapter saved: {run_dir / 'adapter'} (PEFT format)")
+        if cfg.output.save_merged:
+            merged = merge_lora(model)
+            merged.save_pretrained(run_dir / "model", safe_serialization=True)
+            tokenizer.save_pretrained(run_dir / "model")
+            log(f"merged model saved: {run_dir / 'model'}")
+    else:
+        shutil.rmtree(run_dir / "model", ignore_errors=True)
+        model.save_pretrained(run_dir / "model", safe_serialization=True)
+        tokenizer.save_pretrained(run_dir / "model")
+        log(f"model saved: {run_dir / 'model'}")
