@@ -1,0 +1,184 @@
+"""LoRALinear math and the pure helpers over the module tree (inject, merge, parameters, errors)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from effine.adapters import (LoRALinear, count_parameters, inject_lora, lora_parameters, lora_state_dict, merge_lora,
+                             target_modules_for)
+from effine.config import AdapterConfig
+from effine.errors import ConfigError
+
+
+class Block(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.up_proj = nn.Linear(d, 2 * d, bias=True)
+        self.down_proj = nn.Linear(2 * d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.q_proj(x)
+        return x + self.down_proj(torch.relu(self.up_proj(x)))
+
+
+class TinyLM(nn.Module):
+    """Embedding, a ModuleList of blocks, lm_head: the shape default discovery relies on."""
+
+    def __init__(self, vocab: int = 32, d: int = 16, n: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(Block(d) for _ in range(n))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = layer(h)
+        return self.lm_head(h)
+
+
+def _model(seed: int = 0) -> TinyLM:
+    torch.manual_seed(seed)
+    return TinyLM()
+
+
+def _randomise_b(model: nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+
+
+IDS = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def test_output_equals_base_at_init() -> None:
+    model = _model()
+    ref = model(IDS)
+    names = inject_lora(model, AdapterConfig(r=4, alpha=8))
+    assert names == [f"layers.{i}.{s}" for i in range(2) for s in ("q_proj", "up_proj", "down_proj")]
+    assert "lm_head" not in target_modules_for(model)
+    torch.testing.assert_close(model(IDS), ref, rtol=0, atol=0)
+
+
+def test_only_lora_params_require_grad() -> None:
+    model = _model()
+    inject_lora(model, AdapterConfig(r=4, alpha=8))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert {id(p) for p in lora_parameters(model)} == {id(p) for p in model.parameters() if p.requires_grad}
+    n_lora = sum(4 * (m.in_features + m.out_features) for m in model.modules() if isinstance(m, LoRALinear))
+    trainable_count, total = count_parameters(model)
+    assert trainable_count == n_lora and total == sum(p.numel() for p in model.parameters())
+    keys = set(lora_state_dict(model))
+    assert "base_model.model.layers.0.q_proj.lora_A.weight" in keys and len(keys) == 12
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_scaling(rslora: bool) -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6)
+    lora = LoRALinear(base, r=4, alpha=6.0, rslora=rslora)
+    with torch.no_grad():
+        lora.lora_B.weight.normal_()
+    x = torch.randn(3, 8)
+    s = 6.0 / (math.sqrt(4) if rslora else 4)
+    assert lora.scale == pytest.approx(s)
+    expected = base(x) + s * x @ lora.lora_A.weight.T @ lora.lora_B.weight.T
+    torch.testing.assert_close(lora(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_merge_equals_unmerged() -> None:
+    model = _model()
+    inject_lora(model, AdapterConfig(r=4, alpha=8, rslora=True))
+    _randomise_b(model)
+    unmerged = model(IDS)
+    merged_model = merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in merged_model.modules())
+    assert type(merged_model.layers[0].up_proj) is nn.Linear and merged_model.layers[0].up_proj.bias is not None
+    torch.testing.assert_close(merged_model(IDS), unmerged, rtol=0, atol=1e-5)
+
+
+def test_dropout_only_in_train_mode() -> None:
+    torch.manual_seed(0)
+    lora = LoRALinear(nn.Linear(32, 32), r=4, alpha=4, dropout=0.5)
+    with torch.no_grad():
+        lora.lora_B.weight.normal_()
+    x = torch.randn(4, 32)
+    lora.eval()
+    torch.testing.assert_close(lora(x), lora(x))
+    lora.train()
+    assert not torch.allclose(lora(x), lora(x))
+    # injected modules follow the model's mode
+    model = _model().eval()
+    inject_lora(model, AdapterConfig(r=2, alpha=2, dropout=0.5))
+    assert not any(m.training for m in model.modules())
+
+
+def test_bad_target_modules_suggests() -> None:
+    with pytest.raises(ConfigError, match=r"adapter\.target_modules: no module matches 'q_prj'.*did you mean 'q_proj'"):
+        inject_lora(_model(), AdapterConfig(target_modules=["q_prj"]))
+    with pytest.raises(ConfigError, match=r"adapter\.target_modules: 'layers' .*not a linear layer"):
+        inject_lora(_model(), AdapterConfig(target_modules=["layers"]))
+    with pytest.raises(ConfigError, match=r"adapter\.target_modules"):
+        inject_lora(_model(), AdapterConfig(target_modules=[]))
+
+
+def test_explicit_targets_are_suffixes() -> None:
+    model = _model()
+    names = inject_lora(model, AdapterConfig(target_modules=["q_proj", "layers.1.down_proj"]))
+    assert names == ["layers.0.q_proj", "layers.1.q_proj", "layers.1.down_proj"]
+
+
+class FakeQuantLinear(nn.Module):
+    """A duck-typed quantized linear: int8 weight + per-row scale, dequantize() gives the (out, in) weight."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        w = lin.weight.detach()
+        scale = w.abs().amax(dim=1, keepdim=True) / 127  # (out, 1)
+        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))  # (out, in)
+        self.register_buffer("scale", scale)
+        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantize(), self.bias)
+
+
+def test_dequantize_base_merges() -> None:
+    model = _model()
+    for block in model.layers:
+        block.up_proj = FakeQuantLinear(block.up_proj)
+    names = inject_lora(model, AdapterConfig(r=4, alpha=8))
+    assert "layers.0.up_proj" in names  # duck-typed linears are found by default discovery
+    lora = model.layers[0].up_proj
+    assert isinstance(lora.base, FakeQuantLinear) and lora.lora_A.weight.dtype == torch.float32
+    _randomise_b(model)
+    unmerged = model(IDS)
+    merge_lora(model)
+    up = model.layers[0].up_proj
+    assert type(up) is nn.Linear and up.weight.dtype == torch.float32 and up.bias is not None
+    torch.testing.assert_close(model(IDS), unmerged, rtol=0, atol=1e-5)
+
+
+def test_fp32_adapter_on_bf16_base() -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8).to(torch.bfloat16)
+    lora = LoRALinear(base, r=4, alpha=8, dtype=torch.float32)
+    assert lora.lora_A.weight.dtype == torch.float32
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    y = lora(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert lora.lora_B.weight.grad is not None and lora.lora_B.weight.grad.dtype == torch.float32
+    assert lora.merged().weight.dtype == torch.bfloat16
