@@ -42,12 +42,12 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from effine.config import load_config
     from effine.data import build_datasets
     from effine.data.inspect import render_labels
-    from effine.model.loader import load_tokenizer, resolve_model_dir
+    from effine.model.loader import cache_root, load_tokenizer, resolve_model_dir
 
     cfg = load_config(args.config, args.overrides)
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.cache_dir, cfg.model.revision)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    train, evals, report = build_datasets(cfg.data, tokenizer, cache_dir=model_dir.parent.parent)
+    train, evals, report = build_datasets(cfg.data, tokenizer, cache_dir=cache_root(cfg.model.cache_dir))
     print(report.format())
     color = sys.stdout.isatty()
     legend = "\x1b[32mgreen\x1b[0m" if color else "[[double brackets]]"

@@ -8,8 +8,6 @@ tokens of the whole accumulation window, which is what makes batch 8 x accum 1 e
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import nn
 
@@ -26,25 +24,21 @@ def model_inputs(batch: dict) -> dict:
 
     Right-padded rows need no attention mask: with causal attention a real token never sees the padding that
     follows it, and leaving the mask out lets SDPA take its ``is_causal`` path, which skips the upper triangle.
-    Packed rows (several documents per row) pass position ids restarting per document; the document boundaries
-    reach the attention backend through ``effine.ops.attention.packed_sequences`` (see the training loop).
+    Packed rows (several documents per row) pass position ids restarting at 0 per document: the attention backend
+    (``effine.ops.attention``) derives the document boundaries from them and keeps attention inside each document.
     """
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
 
 
 def loss_sum(model: nn.Module, batch: dict, impl: str = "chunked") -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over supervised tokens, and their count."""
-    from effine.ops.attention import packed_sequences
-
-    packed = any(len(d) > 1 for d in batch["doc_lengths"])
-    ctx = packed_sequences(batch["doc_lengths"]) if packed else nullcontext()
-    with ctx:
-        hidden = model.base_model(**model_inputs(batch)).last_hidden_state  # (B, T, H)
+    hidden = model.base_model(**model_inputs(batch)).last_hidden_state  # (B, T, H)
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     labels = batch["labels"]
     if isinstance(head, nn.Linear) and head.bias is None:
-        return next_token_loss(hidden, head.weight, labels, impl=impl, softcap=softcap)
+        loss, n = next_token_loss(hidden, head.weight, labels, impl=impl, softcap=softcap)
+        return loss, int(n)
     # An adapted or biased head: project only the supervised positions through the module itself.
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)

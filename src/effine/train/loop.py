@@ -60,6 +60,22 @@ def micro_batches(examples: list, cfg: TrainConfig, pad_id: int, epoch: int, ind
         epoch, index = epoch + 1, 0
 
 
+def backward_window(model: torch.nn.Module, batches: list[dict], impl: str = "chunked") -> tuple[float, int]:
+    """Accumulate the gradient of the window's mean loss per supervised token; return (loss sum, tokens).
+
+    Each micro-batch's summed loss is divided by the supervised tokens of the WHOLE window, not its own: a
+    micro-batch with few labels must weigh less, exactly as its tokens would inside one big batch. So the
+    gradient is identical however the window is split into micro-batches.
+    """
+    n_sup = sum(count_supervised(b["labels"]) for b in batches)
+    total = 0.0
+    for batch in batches:
+        loss, _ = loss_sum(model, batch, impl=impl)
+        (loss / max(n_sup, 1)).backward()
+        total += float(loss.detach())
+    return total, n_sup
+
+
 class _Interrupted(Exception):
     pass
 
@@ -85,14 +101,7 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
     try:
         while state.step < total:
             window = [next(batches) for _ in range(cfg.grad_accum)]
-            n_sup = sum(count_supervised(b["labels"]) for _, _, b in window)
-            step_loss = 0.0
-            for _, _, batch in window:
-                loss, _n = loss_sum(model, batch, impl=cfg.loss_impl)
-                # Normalise by the window's supervised tokens (not per micro-batch): a micro-batch with few labels
-                # must weigh less, exactly as its tokens would inside one big batch.
-                (loss / max(n_sup, 1)).backward()
-                step_loss += float(loss.detach())
+            step_loss, n_sup = backward_window(model, [b for _, _, b in window], cfg.loss_impl)
             grad_norm = float("nan")
             if cfg.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))

@@ -28,7 +28,7 @@ from effine.config import Config, save_config
 from effine.errors import ConfigError
 from effine.eval.evaluate import evaluate
 from effine.eval.generate import generate, prompt_from_example, prompt_ids_for
-from effine.model.loader import load_model, load_tokenizer, resolve_model_dir
+from effine.model.loader import cache_root, load_model, load_tokenizer, resolve_model_dir
 from effine.train.checkpoint import LoopState, latest_checkpoint, load_checkpoint
 from effine.train.metrics import MetricsLog, plot_losses
 from effine.train.optim import build_optimizer
@@ -56,10 +56,13 @@ def resolve_run_dir(cfg: Config) -> Path:
 def prepare_model(cfg: Config, model_dir: Path, log) -> torch.nn.Module:
     """Load the base, quantize frozen weights if asked, and make only the trained parameters require grad."""
     from effine.ops.attention import enable as enable_attention
+    from effine.ops.attention import select_backend
 
     model = load_model(model_dir, cfg.model.dtype, attn="sdpa", trust_remote_code=cfg.model.trust_remote_code)
-    backend = enable_attention(model, cfg.model.attn)
-    log(f"attention backend: {backend}")
+    enable_attention(model, None if cfg.model.attn == "auto" else cfg.model.attn)
+    device = next(model.parameters()).device
+    log(f"attention: effine backend '{select_backend(device, dtype=model.dtype)}' "
+        f"(model.attn={cfg.model.attn}; packed rows keep attention within each document)")
     if cfg.quant.method != "none":
         if cfg.adapter.method == "full":
             raise ConfigError("quant.method: a quantized base is frozen; use adapter.method=lora with it (QLoRA).")
@@ -76,7 +79,8 @@ def prepare_model(cfg: Config, model_dir: Path, log) -> torch.nn.Module:
     if cfg.adapter.method == "lora":
         from effine.adapters import count_parameters, inject_lora
 
-        names = inject_lora(model, cfg.adapter)
+        # Adapters train in fp32 even on a bf16 base: AdamW updates of bf16 weights lose most small steps.
+        names = inject_lora(model, cfg.adapter, dtype=torch.float32)
         trainable, total = count_parameters(model)
         log(f"LoRA r={cfg.adapter.r} alpha={cfg.adapter.alpha} on {len(names)} modules: "
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
@@ -132,7 +136,13 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.cache_dir, cfg.model.revision)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    train_set, eval_set, report = build_datasets(cfg.data, tokenizer, cache_dir=model_dir.parent.parent, log=log)
+    train_set, eval_set, report = build_datasets(cfg.data, tokenizer, cache_dir=cache_root(cfg.model.cache_dir), log=log)
+    if cfg.data.packing:
+        from effine.data import pack_examples, packing_efficiency
+
+        train_set = pack_examples(train_set, cfg.data.max_length)
+        log(f"packed into {len(train_set):,} rows of <= {cfg.data.max_length} tokens "
+            f"({100 * packing_efficiency(train_set, cfg.data.max_length):.1f}% filled)")
     (run_dir / "data_report.txt").write_text(report.format())
     log(report.format())
     if not train_set:
