@@ -1,0 +1,812 @@
+"""Attention behind one interface: an fp32 eager reference, PyTorch SDPA, and the flash-attn package.
+
+Flash Attention (the algorithm)
+-------------------------------
+Standard attention for one head, with Q, K, V (N, d):
+
+    S = Q K^T * scale          (N, N)   written to HBM
+    P = softmax(S)             (N, N)   written to HBM (and kept for backward)
+    O = P V                    (N, d)
+
+so memory traffic and activation memory are O(N^2). Flash attention tiles Q into row blocks Q_i and K, V into
+column blocks K_j, V_j small enough to live in on-chip SRAM, and computes the softmax *online*: for each Q_i it
+keeps a running row max m, a running row sum l and an unnormalised output A, and for every K_j, V_j:
+
+    S_ij  = Q_i K_j^T * scale
+    m'    = max(m, rowmax(S_ij))
+    P_ij  = exp(S_ij - m')
+    l     = l * exp(m - m') + rowsum(P_ij)
+    A     = A * exp(m - m') + P_ij V_j        (rescale the partial output to the new max)
+    m     = m'
+
+and finally O_i = A / l. S and P are never written out; only O and the softmax normaliser L = m + log(l)
+(logsumexp, N values per head) are stored, and backward recomputes S_ij and P_ij block by block from Q, K, V and
+L. Activation memory is O(N * d) instead of O(N^2). With a causal mask, blocks strictly above the diagonal are
+skipped entirely, halving the work. :func:`flash_attention_reference` implements the forward literally in PyTorch
+(for teaching and parity tests, not speed).
+
+Who implements it in PyTorch: ``torch.nn.functional.scaled_dot_product_attention`` dispatches, on CPU, to a tiled
+online-softmax kernel (``_scaled_dot_product_flash_attention_for_cpu``, fp32/bf16/fp16, optional mask, saves the
+logsumexp and recomputes in backward) and, on CUDA, to FlashAttention-2 (fp16/bf16, no arbitrary mask),
+the memory-efficient kernel (masks, fp32) or cuDNN. The ``flash-attn`` package (FA2 / FA3, CUDA only) adds
+variable-length batches (``flash_attn_varlen_func``), sliding windows and logit soft-capping.
+
+Backends here
+-------------
+``eager``      fp32 softmax(QK^T * scale + mask) V with an explicit (T, T) mask: the reference, O(T^2) memory.
+``sdpa``       SDPA; a plain causal batch uses ``is_causal=True`` (no mask tensor, so the CPU kernel skips the upper
+               triangle); packed rows run SDPA with ``is_causal=True`` once per document segment.
+``flash_attn`` flash-attn 2/3 when importable (CUDA, fp16/bf16); packed rows use ``flash_attn_varlen_func``.
+
+Packed rows: several documents concatenated in one row. transformers v5 passes ``position_ids`` down to the
+attention function (decoder layer -> attention module -> ``attention_interface(..., **kwargs)``); documents start
+where the position does not continue (``pos[t] != pos[t-1] + 1``), the same rule transformers uses for its own
+packed-sequence masks. The training loop may instead (or additionally) state the boundaries explicitly with
+``with packed_sequences(cu_seqlens): model(...)``. Attention never crosses a document boundary on any backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import os
+import weakref
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "attention",
+    "attention_backend",
+    "cu_seqlens_from_position_ids",
+    "eager_attention",
+    "effine_attention_forward",
+    "effine_attention_mask",
+    "enable",
+    "flash_attention_reference",
+    "flash_attn_available",
+    "packed_sequences",
+    "register",
+    "select_backend",
+    "set_backend",
+]
+
+BACKENDS = ("eager", "sdpa", "flash_attn")
+ENV_VAR = "EFFINE_ATTN"
+NAME = "effine"  # the name registered with transformers' AttentionInterface
+
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("effine_attn_backend", default=None)
+_DEFAULT: str | None = None
+_PACKED: contextvars.ContextVar[_PackedSpec | None] = contextvars.ContextVar("effine_packed", default=None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# flash-attn (optional)
+
+
+def _flash_attn_module():
+    """(func, varlen_func, version) from flash-attn 2 or 3, or None when neither is installed."""
+    try:
+        import flash_attn_interface as fa3  # FA3 (Hopper) installs this top-level module
+
+        return fa3.flash_attn_func, fa3.flash_attn_varlen_func, 3
+    except Exception:
+        pass
+    try:
+        import flash_attn as fa2
+
+        return fa2.flash_attn_func, fa2.flash_attn_varlen_func, 2
+    except Exception:
+        return None
+
+
+def flash_attn_available() -> bool:
+    """True when a flash-attn package is importable and CUDA is available."""
+    return torch.cuda.is_available() and _flash_attn_module() is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backend selection
+
+
+def set_backend(name: str | None) -> None:
+    """Process-wide default backend (``None`` = automatic). Below :func:`attention_backend` and arguments."""
+    global _DEFAULT
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
+    _DEFAULT = name
+
+
+@contextlib.contextmanager
+def attention_backend(name: str | None) -> Iterator[None]:
+    """Force a backend inside the block (tests use this to exercise each path)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
+    token = _FORCED.set(name)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def select_backend(
+    device: torch.device | str,
+    packed: bool = False,
+    override: str | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    softcap: float | None = None,
+    has_mask: bool = False,
+    head_dim: int | None = None,
+) -> str:
+    """Choose a backend: ``override`` > :func:`attention_backend` > :func:`set_backend` > env ``EFFINE_ATTN`` > auto.
+
+    Auto: flash-attn on CUDA for fp16/bf16 without an explicit mask (it handles packed rows with varlen, sliding
+    window and softcap); otherwise SDPA, except with logit softcapping, which SDPA cannot do, where eager is used.
+    ``packed`` does not change the choice on CPU (SDPA runs per document), it is accepted so callers state it.
+    A forced backend is returned as is; :func:`attention` raises if it cannot serve the request.
+    """
+    name = override or _FORCED.get() or _DEFAULT or os.environ.get(ENV_VAR) or "auto"
+    if name != "auto":
+        if name not in BACKENDS:
+            raise ValueError(f"unknown attention backend {name!r} (from argument or ${ENV_VAR}); expected {BACKENDS}")
+        return name
+    device = torch.device(device)
+    fa_ok = (
+        device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and not has_mask
+        and (head_dim is None or head_dim <= 256)
+        and _flash_attn_module() is not None
+    )
+    if fa_ok:
+        return "flash_attn"
+    return "eager" if softcap is not None else "sdpa"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packed documents
+
+
+def _check_cu_seqlens(cu: torch.Tensor) -> torch.Tensor:
+    if cu.dim() != 1 or cu.numel() < 2 or cu.dtype not in (torch.int32, torch.int64):
+        raise ValueError("cu_seqlens must be a 1-D int tensor [0, end_1, ..., total] with at least two entries")
+    if int(cu[0]) != 0 or bool((cu[1:] <= cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must start at 0 and strictly increase, got {cu.tolist()}")
+    return cu
+
+
+class _PackedSpec:
+    """Document boundaries given by the caller, resolved to cu_seqlens once the batch shape (B, T) is known."""
+
+    def __init__(self, spec):
+        if isinstance(spec, torch.Tensor) or (len(spec) and not isinstance(spec[0], (list, tuple))):
+            self.cu = _check_cu_seqlens(torch.as_tensor(spec))
+            self.lengths = None
+        else:
+            self.cu = None
+            self.lengths = [[int(n) for n in row] for row in spec]
+            if any(n <= 0 for row in self.lengths for n in row):
+                raise ValueError("packed_sequences: document lengths must be positive")
+        self._resolved: dict = {}
+
+    def resolve(self, batch: int, length: int) -> torch.Tensor:
+        """cu_seqlens (int32) over the flattened B*T tokens; a row's unlisted tail (padding) is one more segment."""
+        if (batch, length) in self._resolved:
+            return self._resolved[(batch, length)]
+        if self.cu is not None:
+            cu = self.cu
+            if int(cu[-1]) != batch * length:
+                raise ValueError(f"packed_sequences: cu_seqlens ends at {int(cu[-1])}, expected B*T = {batch * length}")
+            if not set(range(0, batch * length, length)) <= set(cu.tolist()):
+                raise ValueError("packed_sequences: every row start b*T must be a document boundary")
+        else:
+            if len(self.lengths) != batch:
+                raise ValueError(f"packed_sequences: {len(self.lengths)} rows of doc lengths for a batch of {batch}")
+            bounds = [0]
+            for b, row in enumerate(self.lengths):
+                if sum(row) > length:
+                    raise ValueError(f"packed_sequences: row {b} documents sum to {sum(row)} > T = {length}")
+                for n in row:
+                    bounds.append(bounds[-1] + n)
+                if bounds[-1] < (b + 1) * length:
+                    bounds.append((b + 1) * length)  # padding after the last document
+            cu = torch.tensor(bounds)
+        cu = cu.to(torch.int32)
+        self._resolved[(batch, length)] = cu
+        return cu
+
+
+@contextlib.contextmanager
+def packed_sequences(spec: torch.Tensor | list[int] | list[list[int]]) -> Iterator[None]:
+    """Declare document boundaries for the forward passes inside the block. Two accepted forms:
+
+    * per-row document lengths, ``[[len_0, len_1, ...], ...]`` (one list per row, as a collator produces them);
+      a row whose documents sum to less than T is right-padded and the padding becomes a segment of its own;
+    * ``cu_seqlens`` (n_docs + 1,), cumulative offsets over the *flattened* batch of B rows of T tokens
+      (flash-attn's varlen convention) ``[0, len_0, len_0 + len_1, ..., B * T]``; every row start ``b * T`` must
+      be one of them.
+
+    Takes precedence over boundaries derived from ``position_ids``. Gradient checkpointing is safe: layers
+    recomputed in backward (outside this block) reuse the boundaries that were in force for the same
+    ``position_ids`` tensor.
+    """
+    token = _PACKED.set(_PackedSpec(spec))
+    try:
+        yield
+    finally:
+        _PACKED.reset(token)
+
+
+# Gradient checkpointing recomputes layers during backward, i.e. after the ``with packed_sequences(...)`` block has
+# exited (and, on CUDA, in an autograd worker thread that does not see this context). A recomputed layer receives
+# the very same position_ids tensor object as the original forward, so we remember which spec was active for it.
+_SPEC_MEMORY: list[tuple[weakref.ref, _PackedSpec]] = []
+
+
+def _active_spec(position_ids: torch.Tensor | None) -> _PackedSpec | None:
+    """The packed_sequences spec in force, or the one that was in force for this position_ids tensor."""
+    spec = _PACKED.get()
+    if position_ids is None:
+        return spec
+    if spec is not None:
+        if not any(r() is position_ids and sp is spec for r, sp in _SPEC_MEMORY):
+            _SPEC_MEMORY[:] = [(r, sp) for r, sp in _SPEC_MEMORY[-7:] if r() is not None]
+            _SPEC_MEMORY.append((weakref.ref(position_ids), spec))
+        return spec
+    for r, sp in reversed(_SPEC_MEMORY):
+        if r() is position_ids:
+            return sp
+    return None
+
+
+def _doc_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool, True where a document starts: t == 0 or the position does not continue the previous one."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
+
+
+def _starts_to_cu(starts: torch.Tensor) -> torch.Tensor:
+    """(B, T) start flags -> cu_seqlens over the flattened B*T tokens (int32, same device)."""
+    flat = starts.reshape(-1).clone()
+    flat[:: starts.shape[1]] = True  # every row starts a document
+    idx = flat.nonzero().squeeze(1).to(torch.int32)
+    return torch.cat([idx, idx.new_tensor([flat.numel()])])
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch_size: int | None = None) -> torch.Tensor | None:
+    """Document offsets from (B, T) or (1, T) position ids, or None when every row holds a single document."""
+    pos = position_ids if position_ids.dim() == 2 else position_ids.view(1, -1)
+    if batch_size is not None and pos.shape[0] != batch_size:
+        pos = pos.expand(batch_size, -1)
+    starts = _doc_starts(pos)
+    if not bool(starts[:, 1:].any()):
+        return None
+    return _starts_to_cu(starts)
+
+
+def _doc_ids(cu: torch.Tensor, batch: int, length: int, device) -> torch.Tensor:
+    """(B, T) int document id of every token from cu_seqlens."""
+    flags = torch.zeros(batch * length, dtype=torch.int32, device=device)
+    flags[cu[1:-1].to(device=device, dtype=torch.long)] = 1
+    return flags.cumsum(0).view(batch, length)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Masks and the eager reference
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, Hkv, T, D) -> (B, Hkv * n_rep, T, D); query head h uses kv head h // n_rep."""
+    if n_rep == 1:
+        return x
+    B, H, T, D = x.shape
+    return x[:, :, None].expand(B, H, n_rep, T, D).reshape(B, H * n_rep, T, D)
+
+
+def _structural_mask(
+    batch: int,
+    q_len: int,
+    k_len: int,
+    causal: bool,
+    sliding_window: int | None,
+    cu_seqlens: torch.Tensor | None,
+    device,
+) -> torch.Tensor | None:
+    """Bool keep-mask (1 or B, 1, Tq, Tk) for causal / sliding window / documents, or None if nothing is masked.
+
+    Queries are aligned to the *end* of the keys (query i sits at absolute position Tk - Tq + i), as with a KV cache.
+    Sliding window w (transformers' convention): key k is visible from query q iff q - k < w.
+    """
+    qpos = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)  # (Tq, 1)
+    kpos = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
+    keep = None
+    if causal:
+        keep = kpos <= qpos
+    if sliding_window is not None:
+        win = (qpos - kpos < sliding_window) if causal else ((qpos - kpos).abs() < sliding_window)
+        keep = win if keep is None else keep & win
+    keep = None if keep is None else keep[None, None]  # (1, 1, Tq, Tk)
+    if cu_seqlens is not None:
+        if q_len != k_len:
+            raise ValueError("packed documents need as many queries as keys (no KV cache)")
+        doc = _doc_ids(cu_seqlens, batch, q_len, device)  # (B, T)
+        same = (doc[:, :, None] == doc[:, None, :])[:, None]  # (B, 1, T, T)
+        keep = same if keep is None else keep & same
+    return keep
+
+
+def _combine(keep: torch.Tensor | None, mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Merge a structural bool mask with a user mask -> (bool keep or None, float additive bias or None)."""
+    if mask is None:
+        return keep, None
+    if mask.dtype == torch.bool:
+        return (mask if keep is None else keep & mask), None
+    return keep, mask  # float: additive bias (0 / large negative), applied on top of `keep`
+
+
+def eager_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Reference: O = softmax(cap(Q K^T * scale) + mask) V, all in fp32. (B, Hq, Tq, D) in q.dtype.
+
+    Rows whose every key is masked output 0 (they are padding; a finite value keeps backward free of NaN).
+    """
+    B, Hq, Tq, _ = q.shape
+    Tk = k.shape[2]
+    n_rep = Hq // k.shape[1]
+    kf, vf = _repeat_kv(k.float(), n_rep), _repeat_kv(v.float(), n_rep)  # (B, Hq, Tk, D)
+    s = (q.float() @ kf.transpose(-1, -2)) * scale  # (B, Hq, Tq, Tk)
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    keep, bias = _combine(_structural_mask(B, Tq, Tk, causal, sliding_window, cu_seqlens, q.device), mask)
+    if bias is not None:
+        s = s + bias.float()
+    if keep is not None:
+        s = s.masked_fill(~keep, torch.finfo(torch.float32).min)  # finite: fully masked rows stay NaN-free
+    p = torch.softmax(s, dim=-1)
+    if dropout > 0.0:
+        p = F.dropout(p, p=dropout)
+    out = p @ vf  # (B, Hq, Tq, D)
+    if keep is not None:
+        out = out * keep.any(dim=-1, keepdim=True)  # fully masked rows -> 0
+    return out.to(q.dtype)
+
+
+def flash_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    block_size: int = 64,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiled online-softmax attention forward, the flash-attention recurrence written out in PyTorch (fp32).
+
+    q (B, H, Tq, D), k / v (B, Hkv, Tk, D). Returns (O (B, H, Tq, D) in q.dtype, logsumexp L (B, H, Tq) fp32).
+    Never forms a (Tq, Tk) tensor: the largest intermediate is one (block, block) tile per head. Forward only.
+    """
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    n_rep = H // k.shape[1]
+    qf = q.float()
+    kf, vf = _repeat_kv(k.float(), n_rep), _repeat_kv(v.float(), n_rep)
+    offset = Tk - Tq  # queries aligned to the end of the keys
+    out = torch.empty(B, H, Tq, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    for i0 in range(0, Tq, block_size):
+        qi = qf[:, :, i0 : i0 + block_size]  # (B, H, bq, D)  "loaded into SRAM"
+        bq = qi.shape[2]
+        m = torch.full((B, H, bq, 1), -math.inf, device=q.device)  # running row max
+        l = torch.zeros(B, H, bq, 1, device=q.device)  # running row sum of exp
+        acc = torch.zeros(B, H, bq, D, device=q.device)  # unnormalised output
+        q_abs = torch.arange(i0, i0 + bq, device=q.device)[:, None] + offset  # (bq, 1)
+        k_end = min(Tk, i0 + bq + offset) if causal else Tk  # causal: skip blocks above the diagonal
+        for j0 in range(0, k_end, block_size):
+            kj, vj = kf[:, :, j0 : j0 + block_size], vf[:, :, j0 : j0 + block_size]  # (B, H, bk, D)
+            s = (qi @ kj.transpose(-1, -2)) * scale  # (B, H, bq, bk): one tile of S, never stored
+            if causal:
+                k_abs = torch.arange(j0, j0 + kj.shape[2], device=q.device)[None, :]
+                s = s.masked_fill(k_abs > q_abs, -math.inf)
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            # a row with no visible key yet has m_new = -inf; use 0 there so exp() gives 0, not NaN
+            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            p = torch.exp(s - m_safe)  # (B, H, bq, bk)
+            corr = torch.exp(m - m_safe)  # rescales what was accumulated under the old max
+            l = l * corr + p.sum(dim=-1, keepdim=True)
+            acc = acc * corr + p @ vj
+            m = m_new
+        out[:, :, i0 : i0 + bq] = acc / l.clamp_min(1e-30)
+        lse[:, :, i0 : i0 + bq] = (m + torch.log(l)).squeeze(-1)
+    return out.to(q.dtype), lse
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SDPA and flash-attn backends
+
+
+def _sdpa_dense(q, k, v, *, scale, causal, sliding_window, keep, bias, dropout) -> torch.Tensor:
+    """One SDPA call on (B, Hq, Tq, D) / (B, Hkv, Tk, D); ``keep`` / ``bias`` are extra masks (or None)."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    needs_window = sliding_window is not None and (Tk > sliding_window or not causal)
+    if keep is None and bias is None and not needs_window:
+        if not causal:
+            return _sdpa_call(q, k, v, None, False, scale, dropout)
+        if Tq == Tk:
+            return _sdpa_call(q, k, v, None, True, scale, dropout)  # no mask tensor: the kernel skips the triangle
+    structural = _structural_mask(1, Tq, Tk, causal, sliding_window, None, q.device)
+    keep = structural if keep is None else (keep if structural is None else keep & structural)
+    attn_mask, dead_rows = None, None
+    if keep is not None:
+        # Rows with no visible key give NaN in some kernels: let them see everything, then zero their output.
+        dead_rows = ~keep.any(dim=-1, keepdim=True)  # (B|1, 1, Tq, 1)
+        keep = keep | dead_rows
+        attn_mask = keep
+    if bias is not None:
+        attn_mask = bias if attn_mask is None else torch.where(attn_mask, bias, torch.finfo(bias.dtype).min)
+        attn_mask = attn_mask.to(q.dtype)
+    out = _sdpa_call(q, k, v, attn_mask, False, scale, dropout)
+    return out if dead_rows is None else out.masked_fill(dead_rows, 0.0)
+
+
+def _sdpa_call(q, k, v, attn_mask, is_causal, scale, dropout):
+    """SDPA with grouped-query attention: enable_gqa where the kernel takes it, else repeat the kv heads."""
+    n_rep = q.shape[1] // k.shape[1]
+    kw = {}
+    if n_rep > 1:
+        if q.device.type == "cpu" or attn_mask is None:
+            kw["enable_gqa"] = True  # CPU flash kernel handles it with masks; CUDA fast kernels need mask=None
+        else:
+            k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=scale, **kw
+    )
+
+
+def _sdpa_attention(q, k, v, *, scale, causal, sliding_window, cu_seqlens, mask, dropout) -> torch.Tensor:
+    keep, bias = _combine(None, mask)
+    if cu_seqlens is None:
+        return _sdpa_dense(
+            q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, keep=keep, bias=bias, dropout=dropout
+        )
+    if mask is not None:
+        # An explicit mask on top of documents: one masked call with the block-diagonal mask (correct, O(T^2)).
+        B, _, T, _ = q.shape
+        docs = _structural_mask(B, T, T, False, None, cu_seqlens, q.device)
+        keep = docs if keep is None else keep & docs
+        return _sdpa_dense(
+            q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, keep=keep, bias=bias, dropout=dropout
+        )
+    # One causal SDPA call per document: no (T, T) mask, the causal saving is kept inside every document.
+    B, Hq, T, _ = q.shape
+    n_rep = Hq // k.shape[1]
+    rows: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    for b, ls, le, single in _row_segments(cu_seqlens.tolist(), T):
+        if single:
+            # A run of one-token documents (typically padding with position 0): softmax over a single key is 1,
+            # so each output is that token's own value vector. Exact (attention dropout is not applied to these
+            # tokens), and no kernel call per token.
+            rows[b].append(_repeat_kv(v[b : b + 1, :, ls:le], n_rep))
+            continue
+        seg = _sdpa_dense(
+            q[b : b + 1, :, ls:le], k[b : b + 1, :, ls:le], v[b : b + 1, :, ls:le],  # (1, H, L, D) views
+            scale=scale, causal=causal, sliding_window=sliding_window, keep=None, bias=None, dropout=dropout,
+        )  # fmt: skip
+        rows[b].append(seg)
+    return torch.cat([torch.cat(r, dim=2) for r in rows], dim=0)  # (B, Hq, T, D)
+
+
+def _row_segments(bounds: list[int], T: int) -> Iterator[tuple[int, int, int, bool]]:
+    """(row, start, end, is_run_of_single_tokens) per document, consecutive one-token documents merged."""
+    run = None  # (row, start, end) of the pending run of one-token documents
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        b, ls = divmod(s, T)
+        le = e - b * T
+        if le > T:
+            raise ValueError(f"cu_seqlens segment [{s}, {e}) crosses the end of row {b} (T={T})")
+        if le - ls == 1:
+            if run is not None and run[0] == b and run[2] == ls:
+                run = (b, run[1], le)
+                continue
+            if run is not None:
+                yield (*run, True)
+            run = (b, ls, le)
+            continue
+        if run is not None:
+            yield (*run, True)
+            run = None
+        yield b, ls, le, False
+    if run is not None:
+        yield (*run, True)
+
+
+def _flash_attn_attention(q, k, v, *, scale, causal, sliding_window, softcap, cu_seqlens, dropout) -> torch.Tensor:
+    fa = _flash_attn_module()
+    if fa is None or q.device.type != "cuda":
+        raise RuntimeError("the flash_attn backend needs the flash-attn package and a CUDA device")
+    func, varlen_func, version = fa
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"flash_attn needs fp16/bf16 inputs, got {q.dtype}")
+    B, Hq, T, D = q.shape
+    # flash-attn window (left, right) counts keys on each side; transformers' w means q - k < w, i.e. left = w - 1.
+    window = (-1, -1)
+    if sliding_window is not None:
+        window = (sliding_window - 1, 0) if causal else (sliding_window - 1, sliding_window - 1)
+    kw = dict(softmax_scale=scale, causal=causal, window_size=window, softcap=softcap or 0.0)
+    if version == 2:
+        kw["dropout_p"] = dropout
+    elif dropout > 0.0:
+        raise ValueError("flash-attn 3 has no attention dropout")
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D) as flash-attn wants
+    if cu_seqlens is None:
+        out = func(qt, kt, vt, **kw)
+    else:
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        max_len = int((cu[1:] - cu[:-1]).max())
+        out = varlen_func(
+            qt.reshape(B * T, Hq, D), kt.reshape(B * T, -1, D), vt.reshape(B * T, -1, D),
+            cu, cu, max_len, max_len, **kw,
+        )  # fmt: skip
+    if isinstance(out, tuple):  # some FA3 versions also return the logsumexp
+        out = out[0]
+    return out.reshape(B, T, Hq, D).transpose(1, 2)  # (B, Hq, T, D)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Multi-head attention, q (B, Hq, Tq, D), k / v (B, Hkv, Tk, D) with Hq % Hkv == 0 (GQA). -> (B, Hq, Tq, D).
+
+    ``causal``: query i (at absolute position Tk - Tq + i) sees keys <= its position. ``sliding_window`` w: only
+    keys with q - k < w. ``softcap`` c: scores become c * tanh(s / c). ``cu_seqlens``: document offsets over the
+    flattened B*T tokens (Tq == Tk); no token attends across a boundary. ``mask``: extra bool keep-mask (True =
+    attend) or float additive bias, broadcastable to (B, Hq, Tq, Tk), ANDed with the above. ``backend``: see
+    :func:`select_backend`. flash_attn cannot take an explicit mask; such calls go to SDPA (eager with softcap).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads is not a multiple of {k.shape[1]} kv heads")
+    if cu_seqlens is not None:
+        cu_seqlens = _check_cu_seqlens(torch.as_tensor(cu_seqlens))
+        if int(cu_seqlens[-1]) != q.shape[0] * q.shape[2]:
+            raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])}, expected B*T = {q.shape[0] * q.shape[2]}")
+    name = select_backend(
+        q.device, cu_seqlens is not None, backend,
+        dtype=q.dtype, softcap=softcap, has_mask=mask is not None, head_dim=q.shape[-1],
+    )  # fmt: skip
+    if name == "flash_attn" and mask is not None:
+        name = "eager" if softcap is not None else "sdpa"
+    if name == "flash_attn":
+        return _flash_attn_attention(
+            q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
+            cu_seqlens=cu_seqlens, dropout=dropout,
+        )  # fmt: skip
+    if name == "sdpa":
+        if softcap is not None:
+            raise ValueError("the sdpa backend cannot apply attention logit softcapping; use eager or flash_attn")
+        return _sdpa_attention(
+            q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, cu_seqlens=cu_seqlens,
+            mask=mask, dropout=dropout,
+        )  # fmt: skip
+    return eager_attention(
+        q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
+        cu_seqlens=cu_seqlens, mask=mask, dropout=dropout,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers integration
+
+
+class _OneEntryCache:
+    """Remembers the layout derived from the (position_ids, padding mask, context) of the current forward.
+
+    Every layer of one forward gets the same objects, so the derivation (and, on CUDA, its host sync) runs once
+    per forward instead of once per layer. Keyed on identity (+ in-place version for tensors), held weakly.
+    """
+
+    def __init__(self):
+        self._key = None
+        self._refs: tuple = ()
+        self._value = None
+
+    @staticmethod
+    def _key_of(objs):
+        try:
+            return tuple(
+                None if t is None else (id(t), t._version if isinstance(t, torch.Tensor) else 0) for t in objs
+            )
+        except RuntimeError:  # inference-mode tensors have no version counter: do not cache
+            return None
+
+    def get(self, tensors):
+        key = self._key_of(tensors)
+        if key is not None and self._key == key and all(
+            (r is None) == (t is None) and (r is None or r() is t) for r, t in zip(self._refs, tensors)
+        ):
+            return True, self._value
+        return False, None
+
+    def put(self, tensors, value):
+        self._key = self._key_of(tensors)
+        self._refs = tuple(weakref.ref(t) if t is not None else None for t in tensors)
+        self._value = value
+
+
+_LAYOUT_CACHE = _OneEntryCache()
+
+
+def _layout(batch: int, length: int, position_ids, padding, spec) -> tuple[torch.Tensor | None, bool]:
+    """(cu_seqlens or None, padding_handled) for a training-style forward (Tq == Tk).
+
+    Padding (B, T) bool (True = real token): when each row's real tokens form one contiguous run, the padding runs
+    become documents of their own (real tokens never see them; their own outputs are junk but finite and
+    unlabelled), so padding costs no (T, T) mask. Otherwise padding_handled is False and the caller builds a mask.
+    """
+    keys = (position_ids, padding, spec)
+    hit, value = _LAYOUT_CACHE.get(keys)
+    if hit:
+        return value
+    starts = None
+    if spec is not None:
+        cu = spec.resolve(batch, length)
+        flat = torch.zeros(batch * length, dtype=torch.bool)
+        flat[cu[:-1].long()] = True
+        starts = flat.view(batch, length)
+    elif position_ids is not None:
+        pos = position_ids if position_ids.dim() == 2 else position_ids.view(1, -1)
+        starts = _doc_starts(pos.expand(batch, -1) if pos.shape[0] != batch else pos)
+    handled = True
+    if padding is not None:
+        real = padding.to(torch.bool)
+        if starts is not None:
+            starts = starts.to(real.device)
+        edges = torch.ones_like(real)
+        edges[:, 1:] = real[:, 1:] != real[:, :-1]  # a run of real or of padding tokens starts here
+        runs_of_real = (edges & real).sum(dim=1)
+        if bool((runs_of_real > 1).any()):
+            handled = False  # real tokens with gaps between them: the caller masks padded keys explicitly
+        else:
+            # inside real tokens keep document starts; padding runs are single documents
+            starts = edges if starts is None else (starts & real) | edges
+    if starts is None or (not bool(starts[:, 1:].any())):
+        value = (None, handled)
+    else:
+        value = (_starts_to_cu(starts), handled)
+    _LAYOUT_CACHE.put(keys, value)
+    return value
+
+
+def effine_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers ``AttentionInterface`` function: q (B, Hq, Tq, D), k / v (B, Hkv, Tk, D) -> (B, Tq, Hq, D).
+
+    ``attention_mask`` is what :func:`effine_attention_mask` built: None, a (B, Tk) padding mask, or a 4D mask
+    (a custom pattern, or one the caller passed in). Documents come from :func:`packed_sequences` or from
+    ``kwargs["position_ids"]``.
+    """
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("effine attention does not implement attention sinks (s_aux)")
+    B, _, Tq, _ = query.shape
+    Tk = key.shape[2]
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
+    spec = _active_spec(kwargs.get("position_ids"))
+    cu, mask = None, None
+    if attention_mask is not None and attention_mask.dim() == 4:
+        # A ready-made mask already holds causality, windows and documents derived from position_ids.
+        mask, causal, sliding_window = attention_mask, False, None
+        if spec is not None:
+            cu, _ = _layout(B, Tq, None, None, spec)
+    elif Tq == Tk and Tq > 1:
+        padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        cu, handled = _layout(B, Tq, kwargs.get("position_ids"), padding, spec)
+        if not handled:
+            mask = padding[:, None, None, :].to(torch.bool)  # (B, 1, 1, T): real keys only
+    elif attention_mask is not None:
+        mask = attention_mask[:, None, None, -Tk:].to(torch.bool)  # decoding with padding: (B, 1, 1, Tk)
+    out = attention(
+        query, key, value, scale=scaling, causal=causal, sliding_window=sliding_window, softcap=softcap,
+        cu_seqlens=cu, mask=mask, dropout=dropout,
+    )  # fmt: skip
+    return out.transpose(1, 2).contiguous(), None
+
+
+def effine_attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    use_vmap: bool = False,
+    **kwargs,
+):
+    """transformers ``AttentionMaskInterface`` function for ``"effine"``: no (T, T) mask for standard patterns.
+
+    Causal, sliding-window and packed-document structure is applied by the attention function itself, so this
+    returns only the (B, kv_length) padding mask, or None when nothing is padded. Custom mask patterns
+    (``or_mask_function`` / ``and_mask_function``, signalled by ``use_vmap``) are materialised with transformers'
+    own sdpa mask builder and arrive as a 4D mask.
+    """
+    if use_vmap:
+        from transformers.masking_utils import sdpa_mask
+
+        return sdpa_mask(
+            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+            mask_function=mask_function, attention_mask=attention_mask, use_vmap=use_vmap, **kwargs,
+        )  # fmt: skip
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def register(name: str = NAME) -> str:
+    """Register the attention and mask functions with transformers under ``name`` (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, effine_attention_forward)
+    AttentionMaskInterface.register(name, effine_attention_mask)
+    return name
+
+
+def enable(model, backend: str | None = None) -> str:
+    """Switch a loaded transformers model to effine attention and return the backend it will use.
+
+    Equivalent to ``register(); model.set_attn_implementation("effine")``. ``backend`` ("auto"/None, "eager",
+    "sdpa", "flash_attn") becomes the process-wide default (:func:`set_backend`); the returned name is what
+    :func:`select_backend` picks for the model's device, dtype and attention softcap (packed rows included).
+    """
+    register()
+    set_backend(None if backend in (None, "auto") else backend)
+    model.set_attn_implementation(NAME)
+    p = next(model.parameters(), None)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return select_backend(
+        p.device if p is not None else "cpu",
+        dtype=p.dtype if p is not None else None,
+        softcap=getattr(cfg, "attn_logit_softcapping", None),
+        head_dim=getattr(cfg, "head_dim", None),
+    )
