@@ -106,6 +106,21 @@ def _chitchat_rows() -> Iterator[dict[str, Any]]:
             yield {"messages": messages}
 
 
+def _chitchat_completion_rows() -> Iterator[dict[str, Any]]:
+    """Completion-only text from the same conversations, for base models without a chat template.
+
+    Each (message, reply) pair becomes ``{"prompt": "A: <message>\nB:", "completion": " <reply>"}``: only the
+    reply (and EOS) is trained, and the prompt is about half of the tokens. At most 8 pairs per conversation keep
+    long conversations from dominating.
+    """
+    for row in _chitchat_rows():
+        msgs = row["messages"]
+        pairs = [(msgs[i]["content"], msgs[i + 1]["content"]) for i in range(len(msgs) - 1)
+                 if msgs[i]["role"] == "user" and msgs[i + 1]["role"] == "assistant"]
+        for message, reply in pairs[:8]:
+            yield {"prompt": f"A: {message}\nB:", "completion": f" {reply}"}
+
+
 # -- evals -------------------------------------------------------------------------------------------------------
 
 EVALS_REQUIREMENT = "evals==3.0.1.post1"
@@ -164,6 +179,7 @@ def _evals_rows() -> Iterator[dict[str, Any]]:
 
 BUILDERS: dict[str, Callable[[], Iterator[dict[str, Any]]]] = {
     "chitchat": _chitchat_rows,
+    "chitchat-completion": _chitchat_completion_rows,
     "evals": _evals_rows,
 }
 

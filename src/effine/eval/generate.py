@@ -5,12 +5,15 @@ from __future__ import annotations
 import torch
 
 
-def prompt_ids_for(tokenizer, prompt: str, chat: bool = True, system_prompt: str | None = None) -> list[int]:
-    """Token ids of a user prompt, through the chat template when the tokenizer has one."""
-    if chat and getattr(tokenizer, "chat_template", None):
+def prompt_ids_for(tokenizer, prompt: str, chat: bool = True, system_prompt: str | None = None,
+                   chat_template: str | None = None) -> list[int]:
+    """Token ids of a user prompt: through the chat template (the tokenizer's, or `chat_template`) when `chat`."""
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if chat and template:
         msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
         msgs.append({"role": "user", "content": prompt})
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                             chat_template=template)
         ids = tokenizer(text, add_special_tokens=False).input_ids
         bos = tokenizer.bos_token_id
         # Exactly one BOS, as in training: add it only when the tokenizer would and the template did not.

@@ -95,7 +95,9 @@ def prepare_model(cfg: Config, model_dir: Path, log) -> torch.nn.Module:
 
 
 def sample_prompts(cfg: Config, tokenizer, eval_set: list) -> list[tuple[str, list[int]]]:
-    prompts = [(p, prompt_ids_for(tokenizer, p, system_prompt=cfg.data.system_prompt)) for p in cfg.eval.prompts]
+    # Prompts go through the same template as the training data (raw text for completion/text data).
+    chat = cfg.data.format not in ("prompt_completion", "text")
+    prompts = [(p, prompt_ids_for(tokenizer, p, chat, cfg.data.system_prompt)) for p in cfg.eval.prompts]
     for ex in eval_set[: cfg.eval.prompts_from_eval]:
         ids = prompt_from_example(ex)
         prompts.append((tokenizer.decode(ids, skip_special_tokens=False)[-300:], ids))
@@ -137,6 +139,12 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.cache_dir, cfg.model.revision)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     train_set, eval_set, report = build_datasets(cfg.data, tokenizer, cache_dir=cache_root(cfg.model.cache_dir), log=log)
+    if cfg.data.format not in ("prompt_completion", "text"):
+        from effine.data.template import resolve_chat_template
+
+        # The template the data was rendered with travels with the tokenizer: generation and the saved adapter's
+        # tokenizer then use it too (matters when it is an override or the ChatML fallback).
+        tokenizer.chat_template = resolve_chat_template(tokenizer, cfg.data.chat_template).source
     if cfg.data.packing:
         from effine.data import pack_examples, packing_efficiency
 
