@@ -111,7 +111,6 @@ class TrainConfig:
     eval_every: int | None = _f(None, "Evaluate every N optimizer steps (unset: only at the start and end).")
     save_every: int | None = _f(None, "Checkpoint every N optimizer steps (unset: only at the end).")
     threads: int | None = _f(None, "CPU threads for torch (unset: all cores).")
-    compile: bool = _f(False, "torch.compile the model (measure first: it does not always help on CPU).")
     loss_impl: Literal["chunked", "reference"] = _f("chunked", "Loss kernel: chunked never builds full logits.")
 
 
