@@ -52,8 +52,8 @@ class LoRALinear(nn.Module):
 
     ``base`` is an ``nn.Linear`` or anything with ``in_features``, ``out_features`` and ``forward(x)``; merging also
     needs its (out, in) weight, from ``dequantize()`` when it has one (quantized bases) or else ``.weight``.
-    The adapter may use a different dtype than the base (fp32 adapters on a bf16 base): the input is cast to the
-    adapter dtype and the update back to the base output's dtype.
+    The adapter may use a different dtype than the base (fp32 adapters on a bf16 base): the parameters stay in
+    their dtype (the optimizer's master copy) and the update is computed in the activation dtype.
     """
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
@@ -84,8 +84,14 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (…, d) in the base's compute dtype
-        h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (…, r)
-        return y + (self.lora_B(h) * self.scale).to(y.dtype)
+        # Mixed precision: the adapter weights are the (fp32) master copy, but the update is computed in the
+        # activation dtype. Casting A (r, k) and B (d, r) is cheap; casting x (…, k) to fp32 instead would make
+        # autograd keep an fp32 copy of every adapted layer's input — on a bf16 base that was most of the
+        # activation memory. The casts' backward hands fp32 gradients to the fp32 parameters.
+        a = self.lora_A.weight.to(x.dtype)
+        b = self.lora_B.weight.to(x.dtype)
+        h = nn.functional.linear(self.dropout(x), a)  # (…, r)
+        return y + (nn.functional.linear(h, b) * self.scale).to(y.dtype)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
