@@ -3,7 +3,9 @@
     effine train CONFIG [--set key.path=value ...] [--resume]
     effine data check CONFIG [--set ...] [--show N]
     effine generate MODEL_OR_RUN_DIR [--prompt TEXT ...] [--max-new-tokens N]
-    effine merge RUN_DIR [--out DIR]
+    effine merge RUN_DIR [--out DIR] [--dtype bf16]
+    effine ptq MODEL_DIR --out DIR [--bits 4] [--group-size 128]
+    effine plan CONFIG [--set ...] [--gpu 80]
     effine config keys | effine config show CONFIG [--set ...]
 
 Every user error (bad config key, malformed data row, missing model) prints one clear message and exits 2.
@@ -89,22 +91,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from effine.adapters import load_adapter, merge_lora
-    from effine.model.loader import load_model, load_tokenizer, resolve_model_dir
+    from effine.export.merge import merge_run
 
-    run = Path(args.run_dir)
-    adapter_dir = run / "adapter" if (run / "adapter").is_dir() else run
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise EffineError(f"{run}: no adapter_config.json here or in {run}/adapter; pass a run or adapter dir.")
-    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model_dir = resolve_model_dir(base)
-    model = load_model(model_dir, args.dtype)
-    load_adapter(model, adapter_dir)
-    merged = merge_lora(model)
-    out = Path(args.out or run / "merged")
-    merged.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(model_dir).save_pretrained(out)
-    print(f"merged model written to {out}")
+    rep = merge_run(args.run_dir, args.out, dtype=args.dtype, prompts=args.prompt or None,
+                    bake_qat=not args.no_bake_qat, verify_reload=not args.no_verify)
+    print(f"merged model written to {rep.out_dir} (report: merge_report.json)")
+    print(json.dumps({k: getattr(rep, k) for k in ("max_abs_logit_diff", "mean_abs_logit_diff",
+                                                   "argmax_agreement", "reload_max_abs_logit_diff")}
+                     | {"naive_merge_into_unquantized_base": rep.original_base}))
+    return 0
+
+
+def cmd_ptq(args: argparse.Namespace) -> int:
+    from effine.export.ptq import ptq_export
+    from effine.model.loader import resolve_model_dir
+
+    rep = ptq_export(resolve_model_dir(args.model_dir), args.out, bits=args.bits,
+                     group_size=args.group_size or None, symmetric=not args.asymmetric)
+    print(f"int{rep.bits} export in {rep.out_dir}: decoder linears {rep.linear_bytes_before / 2**20:.1f} -> "
+          f"{rep.linear_bytes_after / 2**20:.1f} MiB; whole model {rep.total_bytes_before / 2**20:.0f} -> "
+          f"{rep.total_bytes_after / 2**20:.0f} MiB")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from effine.config import load_config
+    from effine.train.memory import plan_memory
+
+    cfg = load_config(args.config, args.overrides)
+    device = "cuda" if args.gpu else "cpu"
+    print(plan_memory(cfg, device=device, gpu_memory_gb=args.gpu).format())
     return 0
 
 
@@ -155,13 +171,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (default fp32)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("merge", help="merge a LoRA adapter into its base and save a transformers model dir",
-                       description="Merge W + (alpha/r) B A into the base weights (computed in fp32) and save a "
-                       "transformers model dir (safetensors).")
-    p.add_argument("run_dir", help="run dir or adapter dir")
+    p = sub.add_parser("merge", help="merge a run's (Q)LoRA adapter (or bake a QAT run) into a transformers model dir",
+                       description="Rebuild the base exactly as training saw it (same dtype, same quantization), "
+                       "merge W_deq + (alpha/r) B A in fp32 (never requantizing), save a transformers model dir and "
+                       "report the logit difference between adapter-on-base and the merged model.")
+    p.add_argument("run_dir", help="run dir (config.yaml + adapter/, or model/ of a full QAT run)")
     p.add_argument("--out", help="output dir (default RUN_DIR/merged)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the merged model")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="dtype of the merged weights")
+    p.add_argument("--prompt", action="append", help="prompt for the logit check (repeatable)")
+    p.add_argument("--no-bake-qat", action="store_true", help="QAT runs: keep the latent weights, not fq(W)")
+    p.add_argument("--no-verify", action="store_true", help="skip reloading the saved dir")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("ptq", help="post-training int4/int8 quantization of a model dir (loadable by effine)",
+                       description="Quantize every decoder linear group-wise (r = (q - Z) * S) and save "
+                       "safetensors with qweight/scales/zeros; `effine generate DIR` and effine's loader read it.")
+    p.add_argument("model_dir", help="model spec: a merged run's dir, a model dir, a short name ...")
+    p.add_argument("--out", required=True, help="output dir")
+    p.add_argument("--bits", type=int, choices=[4, 8], default=4, help="bits per weight (default 4)")
+    p.add_argument("--group-size", type=int, default=128, help="weights per scale (0: one scale per output row)")
+    p.add_argument("--asymmetric", action="store_true", help="asymmetric (zero point) instead of symmetric")
+    p.set_defaults(func=cmd_ptq)
+
+    p = sub.add_parser("plan", help="predict peak training memory for a config, before loading anything",
+                       description="Predict peak memory (weights by precision, adapters, gradients, optimizer "
+                       "state, activations for the batch shape, loss) for CPU or a GPU size.")
+    _add_config_args(p)
+    p.add_argument("--gpu", help="GPU memory in GB (e.g. 80) or a name (h100, a100-40, rtx4090); default: CPU")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("config", help="list config keys, or show a resolved config",
                        description="`effine config keys` lists every key with its default and help; "

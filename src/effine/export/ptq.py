@@ -220,11 +220,10 @@ def _quant_linear_from(qstate: dict[str, torch.Tensor], name: str, symmetric: bo
     if symmetric and bool(zeros.any()):
         raise ModelError(f"load_ptq_model: {name}.zeros is not all 0 but the export says symmetric=True.")
     with torch.no_grad():
-        for buf, key in (("qweight", "qweight"), ("scales", "scales")) + ((("zeros", "zeros"),) if not symmetric else ()):
-            src = qstate[f"{name}.{key}"]
-            dst = getattr(mod, buf)
+        for buf in ("qweight", "scales") if symmetric else ("qweight", "scales", "zeros"):
+            src, dst = qstate[f"{name}.{buf}"], getattr(mod, buf)
             if src.shape != dst.shape or src.dtype != dst.dtype:
-                raise ModelError(f"load_ptq_model: {name}.{key} is {src.dtype} {tuple(src.shape)}, expected "
+                raise ModelError(f"load_ptq_model: {name}.{buf} is {src.dtype} {tuple(src.shape)}, expected "
                                  f"{dst.dtype} {tuple(dst.shape)} for QuantLinear({cols} -> {out_features}).")
             setattr(mod, buf, src.clone())
         if bias is not None:
