@@ -44,6 +44,8 @@ class ModelConfig:
                                  "untrusted Python.")
     cache_dir: str | None = _f(None, "Where converted models are cached (default: $EFFINE_CACHE or ~/.cache/effine).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% slower.")
+    fused_ops: bool = _f(True, "Swap RMSNorm and gated-MLP modules for fused ones that keep less for backward "
+                         "(same math and state dict; EFFINE_FUSED=0 forces the reference path).")
 
 
 @dataclass

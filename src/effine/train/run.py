@@ -88,6 +88,13 @@ def prepare_model(cfg: Config, model_dir: Path, log) -> torch.nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
         log(f"full fine-tuning: {sum(p.numel() for p in model.parameters()):,} parameters")
+    if cfg.model.fused_ops:
+        from effine.ops.swap import fuse_model
+
+        counts = fuse_model(model)
+        log(f"fused ops: {counts['rms_norm']} RMSNorm, {counts['gated_mlp']} gated MLP modules"
+            + (f" ({counts['unsupported_act']} MLPs with an unsupported activation left as they are)"
+               if counts["unsupported_act"] else ""))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
