@@ -138,6 +138,28 @@ def lora_a_init(module_path: str, r: int, in_features: int, seed: int = 0):
 # -- data file --------------------------------------------------------------------------------------------------
 
 
+def effine_version() -> dict[str, Any]:
+    """Which effine ran: git HEAD of the checkout and a digest of every src/effine/*.py as it is on disk now (the
+    tree may hold uncommitted edits; two runs with different digests ran different effine code)."""
+    import subprocess
+
+    import effine
+
+    root = Path(effine.__file__).resolve().parent
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(p.read_bytes())
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", str(root)],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        head, dirty = "?", ""
+    return {"git_head": head, "src_dirty": bool(dirty), "src_digest": h.hexdigest()[:16]}
+
+
 def read_workload_file(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 

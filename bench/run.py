@@ -313,6 +313,12 @@ def markdown(rep: dict[str, Any]) -> str:
         if p:
             lines.append(f"{name}: same batches as the file: {p.get('same_batches')}; step-0 loss diff "
                          f"{p['step0_abs_diff']:.4f}, mean {p['mean_abs_diff']:.4f} over {p['steps']} steps.")
+    ver = rep.get("effine_versions")
+    if ver:
+        lines.append("effine code: " + "; ".join(f"git {v['git_head']}{' + uncommitted edits' if v['src_dirty'] else ''}"
+                                                 f" (src digest {v['src_digest']})" for v in ver if v)
+                     + (" — **effine's source changed between runs: the effine rows mix versions**"
+                        if len(ver) > 1 else "") + ".")
     lines += ["", "Not matched / caveats: " + " ".join(rep["caveats"]), ""]
     return "\n".join(lines)
 
@@ -404,6 +410,9 @@ def run_workload(name: str, args, log=print) -> dict[str, Any]:
     if len(eff_ok) > 1:
         rep_par = parity([s["loss"] for s in eff_ok[0]["steps"]], [s["loss"] for s in eff_ok[1]["steps"]])["max_abs_diff"]
     trl_ok = next((x for s in sides[1:] for x in runs[s] if "error" not in x), None)
+    versions = sorted({json.dumps(x.get("effine_version"), sort_keys=True) for x in eff_ok})
+    if len(versions) > 1:
+        log(f"  WARNING: effine's source changed between runs ({len(versions)} versions): {versions}")
     steps_all = [blob["examples"][i] for b in blob["batches"] for i in b]
     rep = {
         "workload": name, "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "command": args.command,
@@ -418,7 +427,8 @@ def run_workload(name: str, args, log=print) -> dict[str, Any]:
         "matmul_peak": {"start": peak0, "end": peak1, "all": peaks,
                         "best": {k: max(p.get(k, 0.0) for p in peaks) for k in peak0 if k != "foreign_cores"}},
         "matmul_peak_used": peak_used,
-        "flop_model": shape, "sides": summ, "quiet_threshold_cores": args.quiet, "parity": par, "parity_effine_repeat": rep_par,
+        "flop_model": shape, "sides": summ, "quiet_threshold_cores": args.quiet,
+        "effine_versions": [json.loads(v) for v in versions], "parity": par, "parity_effine_repeat": rep_par,
         "caveats": CAVEATS, "runs": runs,
     }
     if args.profile:

@@ -23,8 +23,8 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RssSampler, batch_stats, cpu_snapshot, emit, foreign_cores, hwm_bytes,  # noqa: E402
-                    loadavg, lora_a_init, maxrss_bytes, read_workload_file, reset_peak, rss_bytes)
+from common import (RssSampler, batch_stats, cpu_snapshot, effine_version, emit, foreign_cores,  # noqa: E402
+                    hwm_bytes, loadavg, lora_a_init, maxrss_bytes, read_workload_file, reset_peak, rss_bytes)
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--t-spawn", type=float, default=None, help="time.time() when the parent spawned us")
     ap.add_argument("--profile", type=int, default=None, help="profile this step (0-based) with torch.profiler")
-    ap.add_argument("--attn", default="sdpa", help="effine model.attn (sdpa = what auto picks on CPU; eager)")
+    ap.add_argument("--attn", default="auto", help="effine model.attn (auto = effine's default; sdpa, eager)")
     ap.add_argument("--loss-impl", default="chunked")
     args = ap.parse_args()
     t_spawn = args.t_spawn or T_START
@@ -49,6 +49,7 @@ def main() -> None:
     from effine.train.run import prepare_model
 
     torch.set_num_threads(args.threads)
+    version = effine_version()
     t_import = time.time()
 
     # -- data (the fixed batches) --------------------------------------------------------------------------------
@@ -154,6 +155,7 @@ def main() -> None:
 
     emit({
         "side": "effine", "mode": "effine", "workload": w["name"], "threads": torch.get_num_threads(),
+        "effine_version": version,
         "torch": torch.__version__, "steps": steps,
         "time_to_first_step": {"import_s": t_import - t_spawn, "data_s": t_data - t_import, "load_s": t_load - t_data,
                                "first_step_s": steps[0]["interval_s"], "total_s": t_first_step_end - t_spawn},

