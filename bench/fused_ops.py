@@ -56,6 +56,7 @@ def _worker(config: str, B: int, T: int, warmup: int, steps: int, seed: int, thr
     from effine.ops.swap import fuse_model
     from effine.train.forward import loss_sum
     from effine.train.loop import backward_window
+    from effine.train.memory import saved_for_backward_bytes
 
     torch.manual_seed(seed)
     model = load_model(resolve_model_dir("smollm2-135m-instruct"), "bf16")
@@ -94,19 +95,7 @@ def _worker(config: str, B: int, T: int, warmup: int, steps: int, seed: int, thr
     peak = hwm_bytes()
 
     # Saved-for-backward bytes of one forward (the loss forward of the same batch), measured last.
-    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = loss_sum(model, batch)
-    del loss
-    saved = sum(seen.values())
+    saved = saved_for_backward_bytes(model, lambda: loss_sum(model, batch))
     return {
         "config": config,
         "B": B,

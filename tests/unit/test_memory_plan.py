@@ -103,18 +103,9 @@ def test_eager_attention_adds_a_quadratic_term():
 
 def _saved_bytes(model, batch) -> int:
     """Unique storage bytes autograd keeps for backward (parameters and buffers excluded)."""
-    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen: dict[int, int] = {}
+    from effine.train.memory import saved_for_backward_bytes
 
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_sum(model, batch)
-    return sum(seen.values())
+    return saved_for_backward_bytes(model, lambda: loss_sum(model, batch))
 
 
 @pytest.mark.parametrize("arch,fused,tol", [("llama", False, 0.02), ("llama", True, 0.02), ("gemma3", False, 0.02),

@@ -354,18 +354,9 @@ def test_gradient_checkpointing_with_fused_modules():
 
 def _saved_bytes(model, ids) -> int:
     """Unique storage bytes autograd keeps in one forward (parameters and buffers excluded)."""
-    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen: dict[int, int] = {}
+    from effine.train.memory import saved_for_backward_bytes
 
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids)
-    return sum(seen.values())
+    return saved_for_backward_bytes(model, lambda: model(ids))
 
 
 def test_fusion_cuts_saved_activations_by_30_percent(monkeypatch):

@@ -78,7 +78,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -898,3 +898,23 @@ def measure_peak(cfg: Config, steps: int = 2, env: dict[str, str] | None = None,
         if line.startswith("EFFINE_MEASURE "):
             return json.loads(line[len("EFFINE_MEASURE "):])
     raise RuntimeError(f"measure_peak: the worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def saved_for_backward_bytes(model: torch.nn.Module, forward: Callable[[], Any]) -> int:
+    """Unique storage bytes that autograd keeps for backward during ``forward()`` (parameters and buffers excluded).
+
+    Counts each storage once (views share one), which is what the activation formula above predicts.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(seen.values())
