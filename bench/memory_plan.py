@@ -53,16 +53,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--live", action="store_true", help="also measure with MALLOC_MMAP_THRESHOLD_ (live bytes)")
     ap.add_argument("--out", default=None, help="write the markdown table here")
-    ap.add_argument("--json", default=None, help="write the raw rows here")
+    ap.add_argument("--json", default=None, help="write the raw rows here (after every case)")
+    ap.add_argument("--resume", action="store_true", help="reuse the cases already in --json")
     args = ap.parse_args()
 
     from effine.train.memory import GiB, measure_peak, plan_memory
 
     rows = []
+    done: dict[tuple, dict] = {}
+    if args.json and args.resume and Path(args.json).is_file():  # keep the cases an interrupted run finished
+        done = {(r["model"], r["method"], r["shape"], r["ckpt"]): r for r in json.loads(Path(args.json).read_text())}
     for model in args.models:
         for method in args.methods:
             for shape in args.shapes:
                 for ck in args.ckpt:
+                    key = (model, "lora" if method == "lora" else f"qlora-{method}", shape, ck)
+                    if key in done:
+                        rows.append(done[key])
+                        continue
                     cfg = make_config(model, method, shape, ck == "on")
                     plan = plan_memory(cfg)
                     t0 = time.time()
@@ -85,6 +93,8 @@ def main() -> None:
                           + (f" | live pred {row['pred_live'] / GiB:.2f} meas {row['live']['peak'] / GiB:.2f} "
                              f"({row['err_live']:+.1f}%)" if args.live else "")
                           + f"  [{time.time() - t0:.0f}s]", flush=True)
+                    if args.json:  # after every case: a long run that dies keeps what it measured
+                        Path(args.json).write_text(json.dumps(rows, indent=1))
     md = format_table(rows, args)
     print(md)
     if args.out:

@@ -230,6 +230,19 @@ def summarise(runs: list[dict[str, Any]], warmup: int, shape: dict[str, Any], pe
     }
 
 
+def choose_headline(summ: dict[str, Any], min_quiet: int = 3) -> None:
+    """Per side: the quiet steps (others used < --quiet cores) when it has at least ``min_quiet`` of them, else all
+    its steps (marked contended). A ratio is only printed between two sides on the same basis."""
+    for x in summ.values():
+        if "error" in x:
+            continue
+        q = x.get("quiet_steps", 0) >= min_quiet
+        x["headline"] = "quiet" if q else "all (contended)"
+        x["head_tokens_per_s"] = x["quiet_tokens_per_s"] if q else x["tokens_per_s"]
+        x["head_supervised_per_s"] = x["quiet_supervised_per_s"] if q else x["supervised_per_s"]
+        x["head_mfu"] = x["quiet_mfu"] if q else x["mfu"]
+
+
 def parity(a: list[float], b: list[float]) -> dict[str, Any] | None:
     n = min(len(a), len(b))
     if not n:
@@ -257,6 +270,7 @@ def markdown(rep: dict[str, Any]) -> str:
     eff = sides.get("effine", {})
     peak = rep["matmul_peak_used"]
     la = rep["loadavg"]
+    choose_headline(sides)
     head = eff.get("headline", "all steps")
     lines = [f"## {rep['workload']} — {rep['date']}", "",
              f"Device: {m['cpu']['model']} (family {m['cpu']['family']}, {m['cpu']['cores']} cores, "
@@ -265,7 +279,9 @@ def markdown(rep: dict[str, Any]) -> str:
              f"Load average (1/5/15 min): {' / '.join(f'{x:.2f}' for x in la['start'])} at start, "
              f"{' / '.join(f'{x:.2f}' for x in la['end'])} at end. The machine is shared: each step records how "
              f"many cores other processes kept busy meanwhile (/proc/stat minus the worker's own CPU time); a step "
-             f"with fewer than {rep['quiet_threshold_cores']} is 'quiet'. Headline columns use: **{head}**.",
+             f"with fewer than {rep['quiet_threshold_cores']} is 'quiet'. The first three columns use each side's quiet "
+             f"steps when it has at least 3 (else all its steps, marked contended; effine: {head}); an effine ÷ side "
+             f"ratio is printed only when both sides are on the same basis.",
              "",
              f"Workload: {rep['settings']['notes']}; max_length {rep['settings']['max_length']}, batch "
              f"{rep['settings']['batch_size']}, {rep['steps']} measured steps after {rep['warmup']} warm-up, "
@@ -290,8 +306,12 @@ def markdown(rep: dict[str, Any]) -> str:
         if "error" in s:
             lines.append(f"| {name} | failed: {s['error']} ||||||||||| ")
             continue
-        ratio = "—" if name == "effine" or not eff.get("head_tokens_per_s") else \
-            f"**{eff['head_tokens_per_s']['median'] / s['head_tokens_per_s']['median']:.2f}×**"
+        if name == "effine" or not eff.get("head_tokens_per_s"):
+            ratio = "—"
+        elif eff["headline"] != s["headline"]:
+            ratio = "n/a (one side contended)"
+        else:
+            ratio = f"**{eff['head_tokens_per_s']['median'] / s['head_tokens_per_s']['median']:.2f}×**"
         ratio_cpu = "—" if name == "effine" or not eff.get("tokens_per_cpu_s") else \
             f"{eff['tokens_per_cpu_s']['median'] / s['tokens_per_cpu_s']['median']:.2f}×"
         par = rep["parity"].get(name)
@@ -299,7 +319,7 @@ def markdown(rep: dict[str, Any]) -> str:
         if name == "trl-shipped" and par:
             par_s += " (other batches/lr)"
         lines.append(
-            f"| {name} | {_fmt_q(s['head_tokens_per_s'])} (n={s['head_tokens_per_s']['n']}) "
+            f"| {name} | {_fmt_q(s['head_tokens_per_s'])} ({s['headline']}, n={s['head_tokens_per_s']['n']}) "
             f"| {_fmt_q(s['head_supervised_per_s'])} | {ratio} "
             f"| {_fmt_q(s['tokens_per_s'])} ({s['foreign_cores']['median']:.2f}) "
             f"| {_fmt_q(s['tokens_per_cpu_s'])} | {ratio_cpu} | {_fmt_q(s['peak_rss_delta_mb'])} "
@@ -390,14 +410,7 @@ def run_workload(name: str, args, log=print) -> dict[str, Any]:
     shape = eff_ok[0]["model"] if eff_ok else None
     summ = {s: summarise(rs, args.warmup, shape, peak_used, args.quiet) if shape else {"error": "effine failed"}
             for s, rs in runs.items()}
-    # Headline: the quiet steps (others used < --quiet cores) when every side has at least 3 of them, else all.
-    use_quiet = all(x.get("quiet_steps", 0) >= 3 for x in summ.values())
-    for x in summ.values():
-        if "error" not in x:
-            x["headline"] = "quiet steps" if use_quiet else "all steps"
-            x["head_tokens_per_s"] = x["quiet_tokens_per_s"] if use_quiet else x["tokens_per_s"]
-            x["head_supervised_per_s"] = x["quiet_supervised_per_s"] if use_quiet else x["supervised_per_s"]
-            x["head_mfu"] = x["quiet_mfu"] if use_quiet else x["mfu"]
+    choose_headline(summ)
     par: dict[str, Any] = {}
     if eff_ok:
         base = [s["loss"] for s in eff_ok[0]["steps"]]
