@@ -6,8 +6,8 @@ Procedure (one script, fixed settings chosen before running; nothing is tuned on
    twice with the same data, order, seed, steps and learning rate:
    ``plain``: no QAT;  ``qat``: ``quant.qat_bits=4, quant.group_size=128`` (every decoder linear's forward uses
    its 4-bit group-wise symmetric fake-quantized weight, straight-through gradient to the latent fp32 weight).
-   Full fine-tuning, not LoRA: with LoRA, effine's QAT wraps the *base* linear, so the deployed weight
-   ``W + s·BA`` is never what training fake-quantized; with full fine-tuning the trained weight is the deployed one.
+   Full fine-tuning, not LoRA: the trained weight is the deployed one. (When this was measured, QAT with LoRA
+   fake-quantized only the frozen base ``W``; it now fake-quantizes the merged ``W + s·BA``, not measured here.)
 2. int4 PTQ (``effine.export.ptq.ptq_export``: group-wise symmetric, group 128, round to nearest; the same
    quantizer QAT simulated) of three models: the base, the plain fine-tune, the QAT fine-tune.
 3. Held-out loss (mean next-token cross-entropy per supervised token, assistant tokens only) of the six models on

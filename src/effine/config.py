@@ -90,7 +90,9 @@ class QuantConfig:
     group_size: int = _f(64, "Group size for int4/int8 affine quantization.")
     blocksize: int = _f(64, "Block size for nf4/fp4.")
     double_quant: bool = _f(True, "Quantize the nf4/fp4 block scales too (QLoRA double quantization).")
-    qat_bits: int | None = _f(None, "Quantization-aware training: fake-quantize trained weights to this many bits.")
+    qat_bits: int | None = _f(None, "Quantization-aware training: fake-quantize trained weights to this many bits. "
+                              "With LoRA the merged weight W + s·BA is fake-quantized (the adapters learn the "
+                              "rounding PTQ will apply); adapter.dropout must then be 0.")
 
 
 @dataclass

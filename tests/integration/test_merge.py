@@ -120,12 +120,21 @@ def test_plain_lora_bf16_run_and_custom_prompts(runs):
 
 
 def test_qat_lora_merge_bakes_fake_quant(runs, tmp_path):
-    baked = merge_run(runs["qat"], dtype="fp32", save=False)
+    """QAT + LoRA trains x·fq(W + s·BA)^T: the baked merge is fq(W + s·BA), and PTQ of the latent merge gives it too."""
+    from effine.quant import fake_quantize
+
+    baked = merge_run(runs["qat"], tmp_path / "baked", dtype="fp32", verify_reload=False)
     assert baked.qat == {"bits": 4, "group_size": 32, "symmetric": True, "baked": True}
     assert _rel(baked) <= TOL_FP32 and baked.argmax_agreement == 1.0
-    latent = merge_run(runs["qat"], dtype="fp32", save=False, bake_qat=False)
+    assert any("fq(W + s·BA)" in n for n in baked.notes)
+    latent = merge_run(runs["qat"], tmp_path / "latent", dtype="fp32", verify_reload=False, bake_qat=False)
     assert latent.max_abs_logit_diff > 100 * max(baked.max_abs_logit_diff, 1e-7)  # not what training computed
     assert any("bake_qat=False" in n for n in latent.notes)
+    w_baked = load_file(str(tmp_path / "baked" / "model.safetensors"))
+    w_latent = load_file(str(tmp_path / "latent" / "model.safetensors"))
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert not torch.equal(w_latent[name], w_baked[name])
+        assert torch.equal(fake_quantize(w_latent[name], bits=4, group_size=32), w_baked[name]), name
 
 
 def test_full_qat_run_bakes_onto_the_int4_grid(runs, tmp_path):

@@ -1,4 +1,4 @@
-"""QuantLinear, FakeQuantLinear (QAT), model swaps and the PTQ state-dict format."""
+"""QuantLinear, FakeQuantLinear (QAT, also under LoRA), model swaps and the PTQ state-dict format."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from effine.adapters import LoRALinear, inject_lora, lora_modules, merge_lora
+from effine.config import AdapterConfig
 from effine.errors import ConfigError
 from effine.quant import (
     FakeQuantLinear,
@@ -184,6 +186,124 @@ def test_fake_quant_training_step_and_unwrap():
     torch.testing.assert_close(baked.weight, fake_quantize(baked.weight, bits=4, group_size=32))
 
 
+# ------------------------------------------------------------------------------------------ QAT + LoRA
+
+
+def _lora_on_qat(bits=4, group_size=32, symmetric=True, bias=True, dropout=0.0, seed=0):
+    """LoRALinear(FakeQuantLinear(W)) with a frozen W (as inject_lora leaves it) and a nonzero B (s = 8 / 4 = 2)."""
+    lin = _linear(i=64, o=16, bias=bias, seed=seed)
+    for p in lin.parameters():
+        p.requires_grad_(False)
+    fq = FakeQuantLinear(lin, bits=bits, group_size=group_size, symmetric=symmetric)
+    torch.manual_seed(seed + 1)
+    lora = LoRALinear(fq, r=4, alpha=8.0, dropout=dropout)
+    with torch.no_grad():
+        lora.lora_B.weight.normal_(0.0, 0.5)  # s·B A is then about a quantization step or more of W
+    return lora
+
+
+def _fq_settings(lora):
+    b = lora.base
+    return dict(bits=b.bits, symmetric=b.symmetric, group_size=b.group_size, per_channel=b.group_size is None)
+
+
+QAT_SETTINGS = [(4, 32, True), (8, None, True), (4, 24, False)]  # 24: a ragged last group (64 = 2·24 + 16)
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", QAT_SETTINGS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_on_qat_forward_fake_quantizes_the_merged_weight(bits, group_size, symmetric, bias):
+    lora = _lora_on_qat(bits, group_size, symmetric, bias)
+    W, A, B, s = lora.base.weight, lora.lora_A.weight, lora.lora_B.weight, lora.scale
+    assert s == 2.0 and B.abs().min() > 0
+    x = torch.randn(5, 64)
+    wq = fake_quantize(W + s * (B @ A), **_fq_settings(lora))  # by hand, with the affine module's quantizer
+    torch.testing.assert_close(lora(x), F.linear(x, wq, lora.base.bias), rtol=1e-6, atol=1e-6)
+    # The layer's effective weight (read back through identity inputs) lies on the quantization grid: PTQ of it
+    # with the same settings changes nothing, i.e. the adapters saw exactly the rounding PTQ will apply.
+    w_eff = lora(torch.eye(64)).detach().T - (0 if lora.base.bias is None else lora.base.bias[:, None])
+    torch.testing.assert_close(w_eff, wq, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fake_quantize(w_eff, **_fq_settings(lora)), w_eff, rtol=1e-6, atol=1e-6)
+
+
+def test_lora_on_qat_differs_from_quantizing_w_only():
+    """The old behaviour, base_fq(x) + s·B A x, is not what the layer computes once B != 0 (it would pass at B = 0)."""
+    lora = _lora_on_qat()
+    x = torch.randn(5, 64)
+    old = lora.base(x) + lora.scale * F.linear(F.linear(x, lora.lora_A.weight), lora.lora_B.weight)
+    assert (lora(x) - old).abs().max() > 1e-2
+    with torch.no_grad():
+        lora.lora_B.weight.zero_()
+    torch.testing.assert_close(lora(x), lora.base(x), rtol=0, atol=0)  # B = 0: fq(W + 0) = fq(W)
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", QAT_SETTINGS)
+def test_lora_on_qat_gradients_match_a_hand_built_ste(bits, group_size, symmetric):
+    lora = _lora_on_qat(bits, group_size, symmetric)
+    x = torch.randn(5, 64, requires_grad=True)
+    g = torch.randn(5, 16)
+    (lora(x) * g).sum().backward()
+    assert lora.base.weight.grad is None  # the frozen W gets nothing; A and B get everything
+    # Reference: autograd through wm + (fq(wm) - wm).detach(), the straight-through estimator written out (nothing
+    # is clamped, since the scales come from the merged weight's own range, so the STE is the identity).
+    A = lora.lora_A.weight.detach().clone().requires_grad_()
+    B = lora.lora_B.weight.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    wm = lora.base.weight + lora.scale * (B @ A)
+    wq = wm + (fake_quantize(wm, **_fq_settings(lora)) - wm).detach()
+    (F.linear(x2, wq, lora.base.bias) * g).sum().backward()
+    torch.testing.assert_close(lora.lora_A.weight.grad, A.grad)
+    torch.testing.assert_close(lora.lora_B.weight.grad, B.grad)
+    torch.testing.assert_close(x.grad, x2.grad)
+    assert A.grad.abs().sum() > 0 and B.grad.abs().sum() > 0
+
+
+def test_lora_on_qat_bf16_activations_fp32_adapters():
+    lin = _linear(i=64, o=16).to(torch.bfloat16).requires_grad_(False)
+    lora = LoRALinear(FakeQuantLinear(lin, bits=4, group_size=32), r=4, alpha=8.0, dtype=torch.float32)
+    with torch.no_grad():
+        lora.lora_B.weight.normal_(0.0, 0.5)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    y = lora(x)
+    assert y.dtype == torch.bfloat16
+    # merged in fp32 from the master weights, fake-quantized in fp32, cast to bf16 last
+    wm = lin.weight.float() + lora.scale * (lora.lora_B.weight @ lora.lora_A.weight)
+    wq = fake_quantize(wm, bits=4, group_size=32).to(torch.bfloat16)
+    torch.testing.assert_close(y, F.linear(x, wq, lin.bias), rtol=0, atol=0)
+    y.float().sum().backward()
+    assert lora.lora_A.weight.grad.dtype == torch.float32 and lora.lora_B.weight.grad.abs().sum() > 0
+
+
+def test_lora_on_qat_refuses_dropout_while_training():
+    model = nn.Sequential(nn.ModuleList([_linear(i=64, o=16)]))
+    apply_qat(model, bits=4, group_size=32)
+    with pytest.raises(ConfigError, match=r"adapter\.dropout=0\.1 .*quant\.qat_bits.*Set adapter\.dropout=0"):
+        inject_lora(model, AdapterConfig(r=4, alpha=8, dropout=0.1))
+    assert not lora_modules(model) and all(p.requires_grad for p in model.parameters())  # left untouched
+    assert inject_lora(model, AdapterConfig(r=4, alpha=8, dropout=0.0)) == ["0.0"]
+
+    # Built directly (as load_adapter does from a saved lora_dropout): fine for inference, refused in training.
+    lora = _lora_on_qat(dropout=0.1)
+    x = torch.randn(3, 64)
+    with pytest.raises(ConfigError, match=r"adapter\.dropout.*quant\.qat_bits"):
+        lora(x)
+    lora.eval()
+    ref = _lora_on_qat(dropout=0.0)
+    torch.testing.assert_close(lora(x), ref(x), rtol=0, atol=0)
+
+
+def test_lora_on_qat_merge_gives_latent_weight_and_ptq_gives_training_forward():
+    lora = _lora_on_qat()
+    W, A, B, s = lora.base.weight, lora.lora_A.weight, lora.lora_B.weight, lora.scale
+    merged = lora.merged()
+    assert isinstance(merged, nn.Linear)
+    assert torch.equal(merged.weight, W + s * (B @ A))  # unquantized: PTQ happens at export
+    qsd = ptq_quantize_state_dict({"l.weight": merged.weight, "l.bias": merged.bias}, bits=4, group_size=32)
+    deployed = load_ptq_state_dict(qsd)["l.weight"]
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(F.linear(x, deployed, merged.bias), lora(x), rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------- model swaps
 
 
@@ -234,6 +354,32 @@ def test_apply_and_unwrap_qat_tiny_llama():
     params_after = {n: p for n, p in model.named_parameters()}
     assert params_after.keys() == params_before.keys()
     assert all(params_after[n] is params_before[n] for n in params_before)  # same trained tensors
+
+
+def test_qat_lora_tiny_llama_merge_then_ptq_matches_training_logits():
+    """prepare_model's order (QAT, then LoRA): merge_lora + int4 PTQ with the QAT settings gives the same logits."""
+    model = _tiny_llama()
+    assert apply_qat(model, bits=4, group_size=32) == 14
+    assert len(inject_lora(model, AdapterConfig(r=4, alpha=8))) == 14
+    assert all(isinstance(m.base, FakeQuantLinear) for m in lora_modules(model).values())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(0.0, 0.5)
+    ids = torch.randint(0, 128, (2, 12))
+    model(ids, labels=ids).loss.backward()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.lora_A.weight.grad.abs().sum() > 0 and q_proj.base.weight.grad is None
+    with torch.no_grad():
+        trained = model(ids).logits
+    merge_lora(model)
+    assert not any(isinstance(m, (LoRALinear, FakeQuantLinear)) for m in model.modules())
+    sd = model.state_dict()
+    qsd = ptq_quantize_state_dict(sd, bits=4, group_size=32)
+    assert sum(k.endswith(".qmeta") for k in qsd) == 14
+    model.load_state_dict(load_ptq_state_dict(qsd))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, trained, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (8, None)])

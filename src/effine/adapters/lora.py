@@ -13,6 +13,10 @@ A starts as PEFT's default (kaiming-uniform, a = sqrt(5)) and B starts at zero, 
 at step 0 while the gradient w.r.t. B is non-zero. rsLoRA (Kalajdzievski, 2023) keeps the update's scale stable
 as r grows. Merging folds the update back in: W' = W + s · B A, computed in fp32 and cast to the base dtype.
 
+On a QAT base (:class:`effine.quant.qat.FakeQuantLinear`) the update is folded in *before* the fake quantization,
+y = x fq(W + s · B A)^T + b, so the adapters train against the rounding that PTQ of the merged weight will apply
+(see :meth:`LoRALinear.forward`); adapter dropout cannot be used there.
+
 Injection is a module swap driven by a filter: :func:`resolve_targets` picks qualified module names,
 :func:`wrap_modules` replaces each with a :class:`LoRALinear` that holds the original as ``.base``. Everything else
 here is a pure function over the module tree. Because ``lora_A`` / ``lora_B`` are bias-free ``nn.Linear`` children,
@@ -37,6 +41,7 @@ from torch import nn
 
 from effine.config import AdapterConfig
 from effine.errors import ConfigError
+from effine.quant.qat import FakeQuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,9 @@ class LoRALinear(nn.Module):
     needs its (out, in) weight, from ``dequantize()`` when it has one (quantized bases) or else ``.weight``.
     The adapter may use a different dtype than the base (fp32 adapters on a bf16 base): the parameters stay in
     their dtype (the optimizer's master copy) and the update is computed in the activation dtype.
+
+    On a QAT base (:class:`~effine.quant.qat.FakeQuantLinear`) the forward is ``x fq(W + s·B A)^T + b`` instead
+    (see :meth:`forward`), and ``dropout`` must be 0 while training.
     """
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
@@ -83,6 +91,9 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)  # B = 0: the adapted model starts equal to the base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + s · B A dropout(x)``; on a QAT base ``x fq(W + s·B A)^T + b`` (:meth:`_qat_forward`)."""
+        if isinstance(self.base, FakeQuantLinear):
+            return self._qat_forward(x)
         y = self.base(x)  # (…, d) in the base's compute dtype
         # Mixed precision: the adapter weights are the (fp32) master copy, but the update is computed in the
         # activation dtype. Casting A (r, k) and B (d, r) is cheap; casting x (…, k) to fp32 instead would make
@@ -93,6 +104,35 @@ class LoRALinear(nn.Module):
         h = nn.functional.linear(self.dropout(x), a)  # (…, r)
         return y + (nn.functional.linear(h, b) * self.scale).to(y.dtype)
 
+    def _qat_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """QAT + LoRA: ``y = x fq(W + s·B A)^T + b`` with the base's fake quantization and straight-through gradient.
+
+        Fake-quantizing the frozen ``W`` alone would be a constant: the adapters would never see the rounding that
+        PTQ of the merged weight applies. Here the merged weight is formed in fp32 from the master weights
+        (``s·(B A)`` then ``+ W``, the same fp32 sum :meth:`merged` and :func:`merge_lora` produce), fake-quantized
+        with the base's settings (:meth:`FakeQuantLinear.fake_quantize`: bits, symmetric, group_size,
+        per-channel), and only then cast to the activation dtype. The STE is the identity inside the clamp range,
+        so ``dL/dB = s · G A^T`` and ``dL/dA = s · B^T G`` with ``G = dL/dfq = g^T x``.
+
+        Memory: per layer and per forward, one fp32 weight-sized temporary (``B A``, scaled and summed with ``W``
+        in place) plus fq's own weight-sized scratch (the same as a plain :class:`FakeQuantLinear`), all freed when
+        the layer returns. Autograd keeps ``x`` and ``fq(W + s·B A)`` in the activation dtype (what the matmul's
+        backward needs; the same single weight-sized tensor a plain :class:`FakeQuantLinear` keeps) and the small
+        ``A``, ``B``; no fp32 copy of the weight is kept. The backward forms ``G`` (weight-sized, in the activation
+        dtype and then fp32) to reach ``A`` and ``B``, freed once their gradients are computed.
+
+        Dropout on the adapter input has no meaning in this merged form (there is no separate adapter input), so
+        training with ``dropout > 0`` raises :class:`ConfigError`; in eval mode dropout is the identity anyway.
+        """
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            raise _qat_dropout_error(self.dropout.p)
+        base = self.base
+        w = self.lora_B.weight.float() @ self.lora_A.weight.float()  # (d, k) fp32: the only new weight-sized buffer
+        w = w.mul_(self.scale).add_(base.weight)  # W + s·B A in fp32 (a bf16 W is upcast exactly by the add)
+        wq = base.fake_quantize(w).to(x.dtype)
+        bias = base.bias
+        return nn.functional.linear(x, wq, None if bias is None else bias.to(x.dtype))
+
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """s · B A as an fp32 (out, in) matrix."""
@@ -100,7 +140,11 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """A plain ``nn.Linear`` holding W + s·B A (fp32 sum, cast to the base dtype). Never requantizes."""
+        """A plain ``nn.Linear`` holding W + s·B A (fp32 sum, cast to the base dtype). Never requantizes.
+
+        On a QAT base this is the latent ``W + s·B A``, not ``fq(W + s·B A)``: PTQ with the QAT settings
+        (``effine ptq``) turns it into exactly the weight training computed with.
+        """
         w = base_weight(self.base)
         if tuple(w.shape) != (self.out_features, self.in_features):
             raise ValueError(f"cannot merge LoRA: base weight has shape {tuple(w.shape)}, expected "
@@ -118,6 +162,13 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha:g}, scale={self.scale:g}{', rslora' if self.rslora else ''}")
+
+
+def _qat_dropout_error(p: float) -> ConfigError:
+    return ConfigError(
+        f"adapter.dropout={p:g} cannot be used with quant.qat_bits (QAT): with QAT the LoRA update is folded into "
+        "the weight before fake quantization, y = x·fq(W + s·B A)^T, so there is no separate adapter input to drop "
+        "out. Set adapter.dropout=0 (or train without quant.qat_bits).")
 
 
 def _compute_dtype(base: nn.Module) -> torch.dtype:
@@ -280,13 +331,17 @@ def wrap_modules(model: nn.Module, names: list[str], cfg: AdapterConfig,
 def inject_lora(model: nn.Module, cfg: AdapterConfig, dtype: torch.dtype | None = None) -> list[str]:
     """Freeze every base parameter and add LoRA adapters to the target linears; returns their qualified names.
 
-    ``dtype`` is the adapter dtype (default: each base layer's compute dtype).
+    ``dtype`` is the adapter dtype (default: each base layer's compute dtype). Raises ConfigError when a target is
+    a QAT layer (:class:`~effine.quant.qat.FakeQuantLinear`) and ``cfg.dropout > 0`` (see
+    :meth:`LoRALinear._qat_forward`).
     """
     if cfg.method != "lora":
         raise ConfigError(f"adapter.method: inject_lora needs 'lora', got {cfg.method!r}.")
     if lora_modules(model):
         raise ValueError("this model already has LoRA adapters; merge_lora() it or start from a fresh base")
     names = resolve_targets(model, cfg.target_modules)
+    if cfg.dropout > 0 and any(isinstance(model.get_submodule(n), FakeQuantLinear) for n in names):
+        raise _qat_dropout_error(cfg.dropout)  # before anything is frozen or swapped
     if cfg.target_modules is None:
         _check_family(model, names)
     for p in model.parameters():

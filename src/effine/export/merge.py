@@ -12,10 +12,13 @@ function, so the base must be rebuilt exactly as training saw it:
 
   ``W_deq`` is what the quantized layer's forward used (``QuantLinear.dequantize()`` in its compute dtype).
   Nothing is requantized: the output is dense. (Quantize it again with :mod:`effine.export.ptq` if you want.)
-* for QAT (``quant.qat_bits``) the layers trained through fake quantization ``fq(W)``. With ``bake_qat=True``
-  (the default) the merged weight is ``fq(W) + s · B A`` (``fq(W)`` alone for a full fine-tuning run): exactly
-  what training computed. ``bake_qat=False`` keeps the latent weight ``W`` instead, which does *not* reproduce
-  the trained model's logits (the report says by how much).
+* for QAT (``quant.qat_bits``) the layers trained through fake quantization. With LoRA, training computed
+  ``x fq(W + s · B A)^T`` (the update is folded in before the rounding, see
+  :meth:`effine.adapters.lora.LoRALinear._qat_forward`); a full fine-tuning run computed ``x fq(W)^T``. With
+  ``bake_qat=True`` (the default) the merged weight is ``fq(W + s · B A)`` (``fq(W)`` for a full run): exactly
+  what training computed, already on the quantization grid. ``bake_qat=False`` keeps the latent ``W + s · B A``
+  (``W``) instead, which does *not* reproduce the trained model's logits (the report says by how much) until
+  :mod:`effine.export.ptq` quantizes it with the QAT settings, which gives the baked weight again.
 
 To check the merge, the logits of a few chat prompts are computed with the adapter on the rebuilt base (the
 *reference*) and with the merged model; the report gives the max and mean absolute difference and the share of
@@ -155,6 +158,20 @@ def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.
     return lin
 
 
+def _lora_weight(name: str, m: nn.Module, bake_qat: bool) -> torch.Tensor:
+    """The fp32 merged weight of a LoRA layer: ``W (or W_deq) + s·B A``; on a QAT base ``fq(W + s·B A)`` when baked
+    (what :meth:`LoRALinear._qat_forward` computed with, bit for bit, before its cast to the activation dtype)."""
+    from effine.quant import FakeQuantLinear
+
+    qat = isinstance(m.base, FakeQuantLinear)
+    w = m.base.weight if qat else _trained_weight(m.base, bake_qat)
+    if tuple(w.shape) != (m.out_features, m.in_features):
+        raise ModelError(f"merge: {name} has a base weight of shape {tuple(w.shape)}, expected "
+                         f"{(m.out_features, m.in_features)}.")
+    w = w.detach().float() + m.delta_weight().to(w.device)  # W (or W_deq) + s·B A, in fp32
+    return m.base.fake_quantize(w).detach() if qat and bake_qat else w
+
+
 def _trained_weight(base: nn.Module, bake_qat: bool) -> torch.Tensor:
     """The dense weight a frozen base layer computed with during training."""
     from effine.adapters.lora import base_weight
@@ -176,11 +193,7 @@ def _merge_into_dense(model: nn.Module, dtype: torch.dtype, bake_qat: bool) -> t
 
     merged = 0
     for name, m in lora_modules(model).items():
-        w = _trained_weight(m.base, bake_qat)
-        if tuple(w.shape) != (m.out_features, m.in_features):
-            raise ModelError(f"merge: {name} has a base weight of shape {tuple(w.shape)}, expected "
-                             f"{(m.out_features, m.in_features)}.")
-        w = w.float() + m.delta_weight().to(w.device)  # W (or W_deq, or fq(W)) + s·B A, in fp32
+        w = _lora_weight(name, m, bake_qat)
         bias = getattr(m.base, "bias", None)
         _set_submodule(model, name, _dense_linear(w, bias if isinstance(bias, torch.Tensor) else None, dtype))
         merged += 1
@@ -394,16 +407,15 @@ def merge_run(
         qat_info = {"bits": cfg.quant.qat_bits, "group_size": cfg.quant.group_size, "symmetric": True,
                     "baked": bake_qat}
         notes.append(
-            f"QAT: the merged weights are {'fq(W) + s·BA' if not full_run else 'fq(W)'}" if bake_qat else
+            f"QAT: the merged weights are {'fq(W + s·BA)' if not full_run else 'fq(W)'}" if bake_qat else
             "QAT: bake_qat=False keeps the latent (not fake-quantized) weights, so the merged model does not "
             "compute what training did; see the logit difference.")
-        if bake_qat and not full_run:
-            notes.append("QAT with LoRA fake-quantized the base weight only, not W + s·BA: quantizing the merged "
-                         "weights again is not lossless.")
-        elif bake_qat:
-            notes.append(f"the baked weights lie on the {cfg.quant.qat_bits}-bit grid: effine ptq with bits="
-                         f"{cfg.quant.qat_bits}, group_size={cfg.quant.group_size}, symmetric reproduces them "
-                         "up to float rounding.")
+        ptq = f"effine ptq with bits={cfg.quant.qat_bits}, group_size={cfg.quant.group_size}, symmetric"
+        if bake_qat:
+            notes.append(f"the baked weights lie on the {cfg.quant.qat_bits}-bit grid: {ptq} reproduces them up to "
+                         "float rounding (and the rounding of the merged dtype).")
+        else:
+            notes.append(f"{ptq} of these latent weights gives the fake-quantized weights training computed with.")
     if quantized:
         notes.append(f"merged into the dequantized {cfg.quant.method} weights (W_deq + s·BA in fp32, cast to "
                      f"{dtype}); nothing was requantized.")

@@ -9,6 +9,22 @@ step and are treated as constants (no gradient flows into them). Because they ar
 own min/max, nothing is clamped in practice and the estimator is the identity; the mask matters only for
 elements outside the range (e.g. if scales are ever fixed or learned), and it is saved only when some element
 is actually clamped.
+
+With LoRA (``quant.qat_bits`` and ``adapter.method: lora``): :func:`effine.train.run.prepare_model` wraps the
+linears in :class:`FakeQuantLinear` first and then wraps each of those in a
+:class:`effine.adapters.lora.LoRALinear`. Fake-quantizing the frozen ``W`` alone would be pointless (it is a
+constant, and the adapters would never see the rounding that PTQ of the deployed weight applies), so the LoRA layer
+instead computes
+
+    y = x fq(W + s·B A)^T + b
+
+with this layer's ``fq`` (same bits, symmetric, group_size and per-channel setting; see
+:meth:`FakeQuantLinear.fake_quantize`) and the STE, so the gradients reach ``A`` and ``B`` through the rounding.
+The merged weight is formed in fp32 from the master weights and cast to the activation dtype after ``fq``. Adapter dropout has no place
+in this merged form and is refused while training (``adapter.dropout`` must be 0 with ``quant.qat_bits``).
+Merging (:func:`effine.adapters.merge_lora`) gives the latent ``W + s·B A``; ``effine ptq`` with the same bits,
+group_size and symmetric setting then produces exactly the ``fq(W + s·B A)`` that training computed with, and
+``effine merge`` (``bake_qat=True``) writes ``fq(W + s·B A)`` itself.
 """
 
 from __future__ import annotations
@@ -96,11 +112,14 @@ class FakeQuantLinear(nn.Module):
     ) -> "FakeQuantLinear":
         return cls(linear, bits=bits, group_size=group_size, symmetric=symmetric)
 
+    def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """``fq(w)`` with this layer's settings (bits, symmetric, group_size, per-channel when group_size is None)
+        and the STE; ``w`` is any ``(out_features, in_features)`` tensor (LoRA passes ``W + s·B A``)."""
+        return ste_fake_quantize(w, self.bits, self.symmetric, self.group_size, per_channel=self.group_size is None)
+
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight ``(out_features, in_features)``, differentiable through the STE."""
-        return ste_fake_quantize(
-            self.weight, self.bits, self.symmetric, self.group_size, per_channel=self.group_size is None
-        )
+        return self.fake_quantize(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
