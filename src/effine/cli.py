@@ -2,7 +2,7 @@
 
     effine train CONFIG [--set key.path=value ...] [--resume]
     effine data check CONFIG [--set ...] [--show N]
-    effine generate MODEL_OR_RUN_DIR [--prompt TEXT ...] [--max-new-tokens N]
+    effine generate MODEL_OR_RUN_DIR [--prompt TEXT ...] [--max-new-tokens N] [--no-quant]
     effine merge RUN_DIR [--out DIR] [--dtype bf16]
     effine ptq MODEL_DIR --out DIR [--bits 4] [--group-size 128]
     effine plan CONFIG [--set ...] [--gpu 80]
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from effine import __version__
 from effine.errors import EffineError
@@ -60,33 +59,14 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from effine.eval.generate import generate, prompt_ids_for
-    from effine.model.loader import load_model, load_tokenizer, resolve_model_dir
+    from effine.eval.generate import generate, load_for_generation, prompt_ids_for
 
-    target = Path(args.model)
-    adapter_dir = None
-    if (target / "adapter" / "adapter_config.json").exists():  # a run dir
-        adapter_dir = target / "adapter"
-    elif (target / "adapter_config.json").exists():  # an adapter dir
-        adapter_dir = target
-    elif (target / "model" / "config.json").exists():  # a full fine-tuning run dir
-        target = target / "model"
-    if adapter_dir is not None:
-        base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model_dir = resolve_model_dir(base)
-    else:
-        model_dir = resolve_model_dir(str(target))
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, args.dtype)
-    if adapter_dir is not None:
-        from effine.adapters import load_adapter
-
-        load_adapter(model, adapter_dir)
-        print(f"[effine] adapter: {adapter_dir}", file=sys.stderr)
+    # A run dir or adapter dir of a QLoRA/QAT run gets the base rebuilt as training quantized it.
+    loaded = load_for_generation(args.model, args.dtype, as_trained=not args.no_quant)
     prompts = args.prompt or ["What is the capital of France?"]
     for p in prompts:
-        ids = prompt_ids_for(tokenizer, p, chat=not args.no_chat)
-        print(f">>> {p}\n{generate(model, tokenizer, ids, args.max_new_tokens)}\n")
+        ids = prompt_ids_for(loaded.tokenizer, p, chat=not args.no_chat)
+        print(f">>> {p}\n{generate(loaded.model, loaded.tokenizer, ids, args.max_new_tokens)}\n")
     return 0
 
 
@@ -169,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (default fp32)")
+    p.add_argument("--no-quant", action="store_true",
+                   help="apply the adapter to the original base weights even if the run trained on a quantized "
+                   "(QLoRA) or fake-quantized (QAT) base; by default the base is rebuilt as training saw it")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("merge", help="merge a run's (Q)LoRA adapter (or bake a QAT run) into a transformers model dir",
@@ -179,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output dir (default RUN_DIR/merged)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="dtype of the merged weights")
     p.add_argument("--prompt", action="append", help="prompt for the logit check (repeatable)")
-    p.add_argument("--no-bake-qat", action="store_true", help="QAT runs: keep the latent weights, not fq(W)")
+    p.add_argument("--no-bake-qat", action="store_true",
+                   help="QAT runs: keep the latent weights (W + s·BA, or W), not fq(W + s·BA) (or fq(W))")
     p.add_argument("--no-verify", action="store_true", help="skip reloading the saved dir")
     p.set_defaults(func=cmd_merge)
 

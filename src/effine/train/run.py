@@ -7,6 +7,7 @@
       metrics.jsonl        one JSON object per log/eval event
       checkpoints/         resumable checkpoints (trainable weights, optimizer, RNG, loop position)
       adapter/             PEFT-format adapter (adapter_config.json + adapter_model.safetensors) + tokenizer
+                           + effine_run.json (how the base was built: dtype, quantization)
       model/               full fine-tuning (or output.save_merged): a transformers model dir
       report.md            before/after eval loss and sample generations
       loss.png             the loss curves
@@ -27,7 +28,7 @@ import torch
 from effine.config import Config, save_config
 from effine.errors import ConfigError
 from effine.eval.evaluate import evaluate
-from effine.eval.generate import generate, prompt_from_example, prompt_ids_for
+from effine.eval.generate import generate, prompt_from_example, prompt_ids_for, write_run_meta
 from effine.model.loader import cache_root, load_model, load_tokenizer, resolve_model_dir
 from effine.train.checkpoint import LoopState, latest_checkpoint, load_checkpoint
 from effine.train.metrics import MetricsLog, plot_losses
@@ -224,6 +225,8 @@ def save_outputs(cfg: Config, model, tokenizer, model_dir: Path, run_dir: Path, 
 
         save_adapter(model, run_dir / "adapter", cfg.adapter, base_model_name_or_path=str(model_dir))
         tokenizer.save_pretrained(run_dir / "adapter")
+        # How the base was built (quantized?), next to adapter_config.json: generation rebuilds the same base.
+        write_run_meta(run_dir / "adapter", cfg, model_dir)
         log(f"adapter saved: {run_dir / 'adapter'} (PEFT format)")
         if cfg.output.save_merged:
             merged = merge_lora(model)
