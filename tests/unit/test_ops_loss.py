@@ -73,6 +73,32 @@ def test_bf16_parity(softcap):
     assert _rel(gwc, gwt) <= 1.5 * _rel(gwr, gwt) + eps
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_column_blocks_match_one_block(monkeypatch, dtype, softcap):
+    """The softmax statistics run over column blocks of the logits (1024 columns here: 3 blocks of a 2500-column
+    vocab, the last one partial, targets in every block). Same loss and gradients as one block, and as the
+    reference."""
+    import effine.ops.loss as L
+
+    g = torch.Generator().manual_seed(3)
+    Vb = 2500
+    h = (torch.randn(64, H, generator=g) * 2).to(dtype)
+    w = (torch.randn(Vb, H, generator=g) * 0.3).to(dtype)
+    y = torch.randint(0, Vb, (64,), generator=g)
+    y[:6] = torch.tensor([0, 1023, 1024, 2047, 2048, Vb - 1])  # block edges
+    one = _run(chunked_linear_cross_entropy, h, w, y, chunk_size=16, softcap=softcap)
+    monkeypatch.setattr(L, "SCRATCH_BYTES", 1)  # -> the 1024-column minimum block
+    assert L._Workspace(16, w, need_w=False).vb == 1024
+    blocks = _run(chunked_linear_cross_entropy, h, w, y, chunk_size=16, softcap=softcap)
+    ref = _run(reference_linear_cross_entropy, h, w, y, softcap=softcap)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for a, b, r in zip(blocks, one, ref):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            assert _rel(a, b) < (1e-6 if dtype == torch.float32 else 1e-3)
+            assert _rel(a, r) < tol
+
+
 def test_frozen_weight():
     h, w, y = _inputs(torch.float32)
     lr, _, ghr, gwr = _run(reference_linear_cross_entropy, h, w, y, w_grad=False)
@@ -127,7 +153,8 @@ def test_next_token_loss_shift_and_impls():
 
 
 def test_default_chunk_size_follows_budget():
-    assert default_chunk_size(262144, 128 * 2**20) == 128
+    assert default_chunk_size(262144, 128 * 2**20) == 256  # bf16 logits: 2 bytes per entry
+    assert default_chunk_size(262144, 128 * 2**20, itemsize=4) == 128
     assert default_chunk_size(262144) == 256
     assert default_chunk_size(49152, 128 * 2**20) % 8 == 0
     assert default_chunk_size(10**9, 1) == 8  # never below 8 rows

@@ -48,16 +48,18 @@ __all__ = [
 
 IGNORE_INDEX = -100
 
-# Budget for one chunk's fp32 logits (rows * V * 4 bytes). The loop also keeps a compute-dtype copy (and, with
-# softcap, one more fp32 buffer), so its working set is ~1.5-2.5x this. Larger chunks mean fewer passes over the
-# (V, H) weight-gradient accumulator, which costs real time on CPU; 256 MiB is ~4% of the fp32 logits of
-# N = 4096 tokens with a 262k vocabulary.
-DEFAULT_CHUNK_BYTES = int(os.environ.get("EFFINE_CE_CHUNK_BYTES", 256 * 2**20))
+# Budget for one chunk's logits in the compute dtype (rows * V * itemsize bytes). The fp32 softmax statistics run
+# over column blocks of at most SCRATCH_BYTES, so the working set is this plus ~16 MiB (plus a (V, H) scratch when
+# the head itself trains). Larger chunks mean fewer passes over the (V, H) weight, which costs real time on CPU
+# (each chunk reads it twice); 128 MiB is 256 rows of a 262k vocabulary in bf16.
+DEFAULT_CHUNK_BYTES = int(os.environ.get("EFFINE_CE_CHUNK_BYTES", 128 * 2**20))
+SCRATCH_BYTES = 16 * 2**20  # fp32 column-block scratch for the softmax statistics
 
 
-def default_chunk_size(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Rows per chunk such that a chunk's fp32 logits (rows, V) take about ``budget_bytes``; a multiple of 8."""
-    rows = budget_bytes // (4 * max(1, vocab_size))
+def default_chunk_size(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTES, itemsize: int = 2) -> int:
+    """Rows per chunk such that a chunk's logits (rows, V) in the compute dtype take about ``budget_bytes``;
+    a multiple of 8, at least 8."""
+    rows = budget_bytes // (itemsize * max(1, vocab_size))
     return max(8, rows // 8 * 8)
 
 
@@ -85,20 +87,19 @@ def reference_linear_cross_entropy(
 
 
 class _Workspace:
-    """Chunk buffers allocated once and reused (fresh 100+ MiB allocations per chunk cost page faults on CPU).
+    """Chunk buffers allocated once per call and reused by every chunk.
 
-    zc (c, V) compute dtype: matmul output, later dL/dz in the compute dtype; z32 (c, V) fp32: logits / softmax;
-    dcap (c, V) fp32: softcap derivative (only with softcap); tmp_w (V, H) compute dtype: per-chunk dL/dW before
-    it is added to the fp32 accumulator (only for low-precision weights).
+    zc (c, V) compute dtype: the matmul output (logits), overwritten in place by dL/dz; scratch (c, vb) fp32: one
+    column block of the logits upcast for the softmax statistics; tmp_w (V, H) compute dtype: per-chunk dL/dW
+    before it is added to the fp32 accumulator (only when the head trains in low precision).
     """
 
-    def __init__(self, rows: int, w: torch.Tensor, softcap: float | None, need_w: bool):
+    def __init__(self, rows: int, w: torch.Tensor, need_w: bool):
         V = w.shape[0]
         self.zc = torch.empty(rows, V, dtype=w.dtype, device=w.device)
-        self.z32 = self.zc if w.dtype == torch.float32 else torch.empty(rows, V, dtype=torch.float32, device=w.device)
-        self.dcap = torch.empty(rows, V, dtype=torch.float32, device=w.device) if softcap is not None else None
-        low_precision = w.dtype != torch.float32
-        self.tmp_w = torch.empty_like(w) if (need_w and low_precision) else None
+        self.vb = min(V, max(1024, SCRATCH_BYTES // (4 * rows)))  # columns per block
+        self.scratch = torch.empty(rows, self.vb, dtype=torch.float32, device=w.device)
+        self.tmp_w = torch.empty_like(w) if (need_w and w.dtype != torch.float32) else None
 
 
 def _chunk_loss_and_grad(
@@ -106,34 +107,56 @@ def _chunk_loss_and_grad(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Loss sum of one chunk and, if ``want_grad``, dL/dz (c, V) in the compute dtype (a view into ``ws``).
 
-    h (c, H), w (V, H), y (c,). The matmul runs in the compute dtype (bf16 uses AMX / tensor cores); softmax
-    statistics are fp32. Everything after the matmul is in place on the workspace buffers.
+    h (c, H), w (V, H), y (c,). The matmul runs in the compute dtype (bf16 uses AMX / tensor cores) and its (c, V)
+    output is the only chunk-sized buffer. The softmax statistics are fp32, computed over column blocks of it
+    (two passes, as in the flash-attention forward of ``effine.ops.attention``):
+
+    1. running max ``m`` and rescaled sum ``s`` over blocks: ``s <- s * exp(m_old - m_new) + sum exp(z'_blk - m_new)``,
+       then ``lse = m + log s``;
+    2. (gradient only) per block ``dL/dz' = exp(z'_blk - lse) - onehot(y)``, times ``1 - t^2`` with softcap, written
+       back over the logits in the compute dtype. The target entries are computed apart, in fp32, so that
+       ``p_y - 1`` keeps its bits when ``p_y`` is close to 1.
+
+    Each block is upcast from the same compute-dtype logits in both passes, so the result equals the one-pass
+    fp32 computation up to the summation order.
     """
-    c = h.shape[0]
-    zc, z = ws.zc[:c], ws.z32[:c]  # (c, V) each; the same buffer when computing in fp32
+    c, V = h.shape[0], w.shape[0]
+    zc = ws.zc[:c]
     torch.mm(h, w.T, out=zc)  # (c, H) @ (H, V)
-    if z is not zc:
-        z.copy_(zc)  # upcast to fp32
-    if softcap is not None:
-        z.div_(softcap).tanh_()  # t = tanh(z / c)
-        if want_grad:
-            torch.mul(z, z, out=ws.dcap[:c]).neg_().add_(1.0)  # dz'/dz = 1 - t^2
-        z.mul_(softcap)  # z' = c * t
     rows = torch.arange(c, device=y.device)
-    z_y = z[rows, y]  # (c,) target logits, read before z is overwritten
-    m = z.amax(dim=-1, keepdim=True)  # (c, 1) running max for a stable exp
-    z.sub_(m).exp_()  # exp(z - m), (c, V)
-    s = z.sum(dim=-1, keepdim=True)  # (c, 1)
-    lse = s.log().add_(m).squeeze(1)  # (c,) logsumexp
-    loss = (lse - z_y).sum()
+    z_y = zc[rows, y].float()  # (c,) target logits, read before zc is overwritten
+    if softcap is not None:
+        t_y = torch.tanh(z_y / softcap)
+        z_y = t_y * softcap
+    m = torch.full((c, 1), float("-inf"), dtype=torch.float32, device=h.device)
+    s = torch.zeros((c, 1), dtype=torch.float32, device=h.device)
+    for v0 in range(0, V, ws.vb):
+        blk = ws.scratch[:c, : min(ws.vb, V - v0)]
+        blk.copy_(zc[:, v0 : v0 + blk.shape[1]])  # upcast one column block
+        if softcap is not None:
+            blk.div_(softcap).tanh_().mul_(softcap)  # z' = c * tanh(z / c)
+        m_new = torch.maximum(m, blk.amax(dim=-1, keepdim=True))
+        s.mul_(torch.exp(m - m_new)).add_(blk.sub_(m_new).exp_().sum(dim=-1, keepdim=True))
+        m = m_new
+    lse = s.log_().add_(m)  # (c, 1) logsumexp
+    loss = (lse.squeeze(1) - z_y).sum()
     if not want_grad:
         return loss, None
-    z.div_(s)  # softmax(z')
-    z[rows, y] -= 1.0  # - onehot(y), in fp32 so p_y - 1 keeps its bits when p_y ~ 1
+    for v0 in range(0, V, ws.vb):
+        blk = ws.scratch[:c, : min(ws.vb, V - v0)]
+        zb = zc[:, v0 : v0 + blk.shape[1]]
+        blk.copy_(zb)
+        if softcap is None:
+            blk.sub_(lse).exp_()  # softmax
+        else:
+            blk.div_(softcap).tanh_()  # t
+            dcap = torch.mul(blk, blk).neg_().add_(1.0)  # dz'/dz = 1 - t^2
+            blk.mul_(softcap).sub_(lse).exp_().mul_(dcap)  # softmax(z') * dz'/dz
+        zb.copy_(blk)
+    g_y = torch.exp(z_y - lse.squeeze(1)) - 1.0  # (c,) p_y - 1 in fp32
     if softcap is not None:
-        z.mul_(ws.dcap[:c])
-    if z is not zc:
-        zc.copy_(z)  # dL/dz in the compute dtype for the two gradient matmuls
+        g_y = g_y * (1.0 - t_y * t_y)
+    zc[rows, y] = g_y.to(zc.dtype)
     return loss, zc
 
 
@@ -148,7 +171,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None  # (n, H)
         # dL/dW is a sum over all chunks: accumulate in fp32 so bf16 weights do not lose bits chunk after chunk.
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None  # (V, H)
-        ws = _Workspace(min(chunk_size, n), w, softcap, need_w) if n else None
+        ws = _Workspace(min(chunk_size, n), w, need_w) if n else None
         for s in range(0, n, chunk_size):
             hc, yc = h[s : s + chunk_size], y[s : s + chunk_size]  # (c, H), (c,)
             lc, g = _chunk_loss_and_grad(hc, w, yc, softcap, True, ws)  # g (c, V) compute dtype
@@ -196,7 +219,7 @@ def chunked_linear_cross_entropy(
     hidden, labels = hidden.reshape(-1, H), labels.reshape(-1)
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)  # outside the Function, so autograd casts the gradient back
-    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    chunk = chunk_size or default_chunk_size(weight.shape[0], itemsize=weight.element_size())
     if chunk <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk}")
 
@@ -213,7 +236,7 @@ def chunked_linear_cross_entropy(
         # Evaluation: loss only, still chunked, no gradient work.
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         n = idx.numel()
-        ws = _Workspace(min(chunk, n), weight, softcap, need_w=False) if n else None
+        ws = _Workspace(min(chunk, n), weight, need_w=False) if n else None
         for s in range(0, n, chunk):
             loss += _chunk_loss_and_grad(h_sel[s : s + chunk], weight, y_sel[s : s + chunk], softcap, False, ws)[0]
         return loss, n_tokens

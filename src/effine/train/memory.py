@@ -42,8 +42,8 @@ activations  tensors autograd keeps for backward, per token and decoder layer (L
              SmolLM2-135M LoRA r=16 bf16: 37,356 bytes/token/layer (x 30 layers = 1.07 MiB per token).
              Gradient checkpointing keeps only each layer's input (b*H per token and layer) and, while one layer
              is recomputed in backward, that layer's activations.
-loss         the chunked loss (:mod:`effine.ops.loss`) at its forward peak: the chunk workspace ``c*V*(b + 4)``
-             (compute-dtype logits + fp32 softmax, ``c = min(n, 256 MiB / (4 V))``; +``c*V*4`` with softcapping),
+loss         the chunked loss (:mod:`effine.ops.loss`) at its forward peak: the chunk workspace ``c*V*b`` + 16 MiB
+             (compute-dtype logits, ``c = min(n, 128 MiB / (b V))``, + an fp32 column block for the softmax),
              the final hidden states ``N*H*b``, the selected rows and dL/dh ``2*n*H*b``; full fine-tuning adds
              the ``V*H`` fp32 dL/dW accumulator and a ``V*H*b`` scratch. The (N, V) logits never exist.
 workspace    the transient of whichever phase is the peak: backward of one layer (~``4*b*I + 12*H`` bytes per
@@ -728,10 +728,10 @@ def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | N
     H, V, I = inv.H, inv.V, inv.mlp_I
 
     # loss (effine.ops.loss): forward peak of the fused chunked loss
-    from effine.ops.loss import DEFAULT_CHUNK_BYTES, default_chunk_size
+    from effine.ops.loss import DEFAULT_CHUNK_BYTES, SCRATCH_BYTES, default_chunk_size
 
-    chunk = min(n, default_chunk_size(V, LOSS_CHUNK_BYTES or DEFAULT_CHUNK_BYTES))
-    ws = chunk * V * (b + (4 if b != 4 else 0)) + (chunk * V * 4 if inv.final_softcap else 0)
+    chunk = min(n, default_chunk_size(V, LOSS_CHUNK_BYTES or DEFAULT_CHUNK_BYTES, itemsize=b))
+    ws = chunk * V * b + min(chunk * V * 4, max(SCRATCH_BYTES, chunk * 1024 * 4))  # logits + fp32 column block
     loss_saved = n * H * b  # dL/dh, kept until backward
     loss_fwd = ws + N * H * b + 2 * n * H * b
     if cfg.train.loss_impl == "reference" or inv.head_bias:
