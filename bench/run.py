@@ -163,11 +163,16 @@ def wait_quiet(threshold: float, max_wait: float, log=print) -> dict[str, float]
 
 def run_worker(kind: str, data: Path, steps: int, threads: int, timeout: int, extra: list[str] | None = None,
                log=print) -> dict[str, Any]:
-    script = BENCH_DIR / ("worker_effine.py" if kind == "effine" else "worker_trl.py")
+    # kind: effine | effine-<quant> | trl-<mode> | trl-<mode>-<quant>
+    parts = kind.split("-")
+    script = BENCH_DIR / ("worker_effine.py" if parts[0] == "effine" else "worker_trl.py")
     cmd = [sys.executable, str(script), "--data", str(data), "--steps", str(steps), "--threads", str(threads),
            "--t-spawn", repr(time.time())]
-    if kind != "effine":
-        cmd += ["--mode", kind.split("-", 1)[1]]
+    if parts[0] != "effine":
+        cmd += ["--mode", parts[1]]
+    quant = parts[-1] if len(parts) == (2 if parts[0] == "effine" else 3) else None
+    if quant:
+        cmd += ["--quant", quant]
     cmd += extra or []
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
@@ -306,14 +311,18 @@ def markdown(rep: dict[str, Any]) -> str:
         if "error" in s:
             lines.append(f"| {name} | failed: {s['error']} ||||||||||| ")
             continue
-        if name == "effine" or not eff.get("head_tokens_per_s"):
+        # numerator: effine on the same kind of base (a trl-matched-nf4 row is divided into effine-nf4)
+        num_name = "effine" if name.count("-") < 2 else f"effine-{name.rsplit('-', 1)[1]}"
+        num = sides.get(num_name, {})
+        own = name.startswith("effine")
+        if own or not num.get("head_tokens_per_s"):
             ratio = "—"
-        elif eff["headline"] != s["headline"]:
+        elif num["headline"] != s["headline"]:
             ratio = "n/a (one side contended)"
         else:
-            ratio = f"**{eff['head_tokens_per_s']['median'] / s['head_tokens_per_s']['median']:.2f}×**"
-        ratio_cpu = "—" if name == "effine" or not eff.get("tokens_per_cpu_s") else \
-            f"{eff['tokens_per_cpu_s']['median'] / s['tokens_per_cpu_s']['median']:.2f}×"
+            ratio = f"**{num['head_tokens_per_s']['median'] / s['head_tokens_per_s']['median']:.2f}×**"
+        ratio_cpu = "—" if own or not num.get("tokens_per_cpu_s") else \
+            f"{num['tokens_per_cpu_s']['median'] / s['tokens_per_cpu_s']['median']:.2f}×"
         par = rep["parity"].get(name)
         par_s = "—" if name == "effine" else (f"{par['max_abs_diff']:.4f}" if par else "n/a")
         if name == "trl-shipped" and par:
@@ -326,6 +335,21 @@ def markdown(rep: dict[str, Any]) -> str:
             f"| {_fmt_q(s['peak_rss_mb'])} | {_fmt_q(s['time_to_first_step_s'], '{:.1f}')} | {par_s} "
             f"| {_fmt_q(s['head_mfu'], '{:.1%}')} |")
     lines += [""]
+    q = next((n for n in sides if n.startswith("effine-")), None)
+    if q and "error" not in sides[q] and "error" not in eff:
+        qs = sides[q]
+        sp = qs["head_tokens_per_s"]["median"] / eff["head_tokens_per_s"]["median"]
+        mem = qs["peak_rss_delta_mb"]["median"] / eff["peak_rss_delta_mb"]["median"]
+        tot = qs["peak_rss_mb"]["median"] / eff["peak_rss_mb"]["median"]
+        lines.append(f"QLoRA ({q} vs effine bf16 LoRA, same batches): tokens/s {sp:.2f}×, peak RSS {tot:.2f}× "
+                     f"(increase above post-load {mem:.2f}×)" + (" — the bases were measured on different bases "
+                     "(quiet vs contended)" if qs["headline"] != eff["headline"] else "") + ".")
+        tq = sides.get(f"trl-matched-{q.split('-', 1)[1]}")
+        if tq and "error" not in tq:
+            lines.append(f"QLoRA vs TRL + PEFT + bitsandbytes ({q.split('-', 1)[1]}, matched): tokens/s "
+                         f"{qs['head_tokens_per_s']['median'] / tq['head_tokens_per_s']['median']:.2f}×, peak RSS "
+                         f"{qs['peak_rss_mb']['median'] / tq['peak_rss_mb']['median']:.2f}×, peak RSS increase "
+                         f"{qs['peak_rss_delta_mb']['median'] / tq['peak_rss_delta_mb']['median']:.2f}×.")
     if rep.get("parity_effine_repeat") is not None:
         lines.append(f"effine run-to-run loss difference (repeat 1 vs 2, same batches): max "
                      f"{rep['parity_effine_repeat']:.2e}.")
@@ -376,6 +400,8 @@ def run_workload(name: str, args, log=print) -> dict[str, Any]:
         log("  --packing: the baseline is skipped (TRL packing needs padding-free FlashAttention on CPU)")
         modes = []
     sides = ["effine"] + [f"trl-{m}" for m in modes]
+    if args.quant:  # QLoRA sides: effine on a quantized base, and the matched baseline with bitsandbytes
+        sides += [f"effine-{args.quant}"] + [f"trl-{m}-{args.quant}" for m in modes if m == "matched"]
     la0 = loadavg()
     log(f"  matmul peak ({args.threads} threads) ...")
     peak0 = matmul_peak(args.threads, hidden, inter)
@@ -416,8 +442,12 @@ def run_workload(name: str, args, log=print) -> dict[str, Any]:
         base = [s["loss"] for s in eff_ok[0]["steps"]]
         for s in sides[1:]:
             ok = [x for x in runs[s] if "error" not in x]
-            if ok:
-                par[s] = parity(base, [st["loss"] for st in ok[0]["steps"]])
+            ref = base  # quantized baselines are compared with effine on the same quantized base
+            if args.quant and s.endswith(f"-{args.quant}") and not s.startswith("effine"):
+                eq = [x for x in runs.get(f"effine-{args.quant}", []) if "error" not in x]
+                ref = [st["loss"] for st in eq[0]["steps"]] if eq else []
+            if ok and ref:
+                par[s] = parity(ref, [st["loss"] for st in ok[0]["steps"]])
                 par[s]["same_batches"] = ok[0].get("same_batches_as_file")
     rep_par = None
     if len(eff_ok) > 1:
@@ -462,6 +492,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--mode", default="matched,shipped", help="baseline modes: matched, shipped, both or '' (none)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--quant", default=None, choices=["nf4"],
+                    help="also run QLoRA: effine on an nf4 base and (with matched) TRL + PEFT + bitsandbytes nf4")
     ap.add_argument("--packing", action="store_true", help="effine trains on packed rows (baseline skipped)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per worker process")
     ap.add_argument("--profile", action="store_true", help="also profile one effine step (torch.profiler)")

@@ -36,13 +36,14 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=None, help="profile this step (0-based) with torch.profiler")
     ap.add_argument("--attn", default="auto", help="effine model.attn (auto = effine's default; sdpa, eager)")
     ap.add_argument("--loss-impl", default="chunked")
+    ap.add_argument("--quant", default="none", help="effine quant.method for the frozen base (nf4 = QLoRA)")
     args = ap.parse_args()
     t_spawn = args.t_spawn or T_START
 
     import torch
 
     from effine.adapters import count_parameters, lora_modules
-    from effine.config import AdapterConfig, Config, DataConfig, ModelConfig, TrainConfig
+    from effine.config import AdapterConfig, Config, DataConfig, ModelConfig, QuantConfig, TrainConfig
     from effine.data import Example, PackedRow, collate
     from effine.train.loop import backward_window
     from effine.train.optim import build_optimizer, set_lr
@@ -73,6 +74,7 @@ def main() -> None:
                  data=DataConfig(max_length=w["max_length"], packing=w["packing"]),
                  adapter=AdapterConfig(method="lora", r=w["r"], alpha=w["alpha"], dropout=w["dropout"],
                                        target_modules=list(w["targets"])),
+                 quant=QuantConfig(method=args.quant),
                  train=TrainConfig(batch_size=w["batch_size"], lr=w["lr"], weight_decay=w["weight_decay"],
                                    warmup_steps=0, schedule="constant", max_grad_norm=w["max_grad_norm"],
                                    loss_impl=args.loss_impl, threads=args.threads))
@@ -92,7 +94,7 @@ def main() -> None:
     # model shape for the FLOP model in run.py (matmul weights inside the decoder layers, lm_head, attention dims)
     c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    n_mm = sum(m.base.weight.numel() for m in mods.values())
+    n_mm = sum(m.in_features * m.out_features for m in mods.values())
     lin_other = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n
                  and not n.endswith(("lora_A", "lora_B", ".base"))]
     n_mm += sum(m.weight.numel() for m in lin_other)
@@ -154,7 +156,7 @@ def main() -> None:
     sampler.stop()
 
     emit({
-        "side": "effine", "mode": "effine", "workload": w["name"], "threads": torch.get_num_threads(),
+        "side": "effine" if args.quant == "none" else f"effine-{args.quant}", "mode": "effine", "workload": w["name"], "threads": torch.get_num_threads(),
         "effine_version": version,
         "torch": torch.__version__, "steps": steps,
         "time_to_first_step": {"import_s": t_import - t_spawn, "data_s": t_data - t_import, "load_s": t_load - t_data,
@@ -165,7 +167,8 @@ def main() -> None:
                 "ru_maxrss": maxrss_bytes(), "trace": sampler.samples},
         "loadavg": {"start": load0, "end": loadavg()},
         "model": shape, "trainable": n_trainable,
-        "settings": {"dtype": "bf16 base, fp32 LoRA (compute: bf16 base matmuls, fp32 adapter matmuls)",
+        "settings": {"dtype": ("bf16 base" if args.quant == "none" else f"{args.quant} base (effine QuantLinear, "
+                               "bf16 compute)") + ", fp32 LoRA (compute: bf16 base matmuls, fp32 adapter matmuls)",
                      "attention": f"{model.config._attn_implementation} (effine backend {args.attn})",
                      "optimizer": f"torch.optim.AdamW foreach, lr {cfg.train.lr}, constant, wd {cfg.train.weight_decay}",
                      "grad_clip": cfg.train.max_grad_norm, "loss": f"effine {cfg.train.loss_impl} CE on supervised rows",

@@ -21,6 +21,11 @@ Run by bench/run.py in its own process; prints one ``BENCH_RESULT {json}`` line.
              no saving/reporting. Everything else is TRL's default: gradient checkpointing ON, lr 2e-5 with a
              linear decay, a random sampler (so batches differ from effine's: more padding per batch).
 
+``--quant nf4`` (QLoRA, matched mode only): the model is loaded with ``BitsAndBytesConfig(load_in_4bit=True,
+bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16)`` (bitsandbytes'
+CPU backend here), i.e. the QLoRA recipe; ``prepare_model_for_kbit_training`` is NOT called because it would turn
+on gradient checkpointing and upcast the norms to fp32, which the matched effine side does not do.
+
 Instrumentation: a ``TrainerCallback`` timestamps ``on_train_begin`` and every ``on_step_end`` (per-step interval =
 between consecutive step ends, which includes the dataloader fetch and the trainer's per-step bookkeeping, as
 effine's interval includes its collate); the trainer subclass only records each step's loss and batch.
@@ -48,6 +53,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--mode", choices=["matched", "shipped"], default="matched")
+    ap.add_argument("--quant", choices=["none", "nf4"], default="none", help="nf4: bitsandbytes 4-bit base (QLoRA)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--t-spawn", type=float, default=None)
     args = ap.parse_args()
@@ -87,8 +93,15 @@ def main() -> None:
                      logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
                      dataloader_num_workers=0, seed=w["seed"])
     if args.mode == "matched":
+        qkw = {}
+        if args.quant == "nf4":
+            from transformers import BitsAndBytesConfig
+
+            qkw["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(meta["model_dir"], dtype=torch.bfloat16,
-                                                     attn_implementation="sdpa", use_safetensors=True)
+                                                     attn_implementation="sdpa", use_safetensors=True, **qkw)
         model = get_peft_model(model, lora)
         sft = SFTConfig(**common_kw, bf16=True, learning_rate=w["lr"], lr_scheduler_type="constant", warmup_steps=0,
                         weight_decay=w["weight_decay"], max_grad_norm=w["max_grad_norm"], packing=False,
@@ -96,6 +109,8 @@ def main() -> None:
                         train_sampling_strategy="sequential", eval_strategy="no")
         model_arg, peft_arg = model, None
     else:
+        if args.quant != "none":
+            raise SystemExit("worker_trl: --quant is only implemented for --mode matched")
         sft = SFTConfig(**common_kw)
         model_arg, peft_arg = meta["model_dir"], lora
     t_model = time.time()
@@ -189,7 +204,7 @@ def main() -> None:
     opt_desc = (f"{type(inner).__name__} fused={g0.get('fused')} foreach={g0.get('foreach')} lr={g0['lr']} "
                 f"betas={g0['betas']} eps={g0['eps']} weight_decay(groups)={[g['weight_decay'] for g in inner.param_groups]}")
     emit({
-        "side": "trl", "mode": args.mode, "workload": w["name"], "threads": torch.get_num_threads(),
+        "side": "trl", "mode": args.mode, "quant": args.quant, "workload": w["name"], "threads": torch.get_num_threads(),
         "torch": torch.__version__, "versions": {"trl": trl.__version__, "transformers": transformers.__version__,
                                                  "peft": __import__("peft").__version__},
         "steps": steps, "same_batches_as_file": same_batches,
@@ -205,7 +220,7 @@ def main() -> None:
                 "ru_maxrss": maxrss_bytes(), "trace": sampler.samples},
         "loadavg": {"start": load0, "end": loadavg()},
         "trainable": n_trainable, "lora_modules": n_lora,
-        "settings": {"trainable_dtypes": dtypes, "base_dtypes": base_dtypes, "bf16_autocast": sft.bf16,
+        "settings": {"quant": args.quant, "trainable_dtypes": dtypes, "base_dtypes": base_dtypes, "bf16_autocast": sft.bf16,
                      "gradient_checkpointing": sft.gradient_checkpointing, "lr": sft.learning_rate,
                      "lr_scheduler": str(sft.lr_scheduler_type), "warmup_steps": sft.warmup_steps,
                      "sampler": str(sft.train_sampling_strategy), "optim": str(sft.optim), "optimizer": opt_desc,

@@ -37,7 +37,7 @@ class ModelConfig:
     name: str = _f("smollm2-135m-instruct", "Base model: a short name (smollm2-135m-instruct, gemma3-270m), a local "
                    "transformers model dir, a .gguf file, or a Hugging Face Hub id (org/name).")
     dtype: Literal["bf16", "fp32", "fp16"] = _f("bf16", "Compute dtype of the base weights and activations.")
-    attn: Literal["auto", "sdpa", "eager", "flash_attn"] = _f(
+    attn: Literal["auto", "sdpa", "eager", "flash_attn", "tiled"] = _f(
         "auto", "Attention backend (auto picks the fastest available for the device).")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) when `name` is a hub id.")
     trust_remote_code: bool = _f(False, "Run model code shipped with a hub repo. Off by default: it executes "

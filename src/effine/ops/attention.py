@@ -37,6 +37,10 @@ Backends here
 ``sdpa``       SDPA; a plain causal batch uses ``is_causal=True`` (no mask tensor, so the CPU kernel skips the upper
                triangle); packed rows run SDPA with ``is_causal=True`` once per document segment.
 ``flash_attn`` flash-attn 2/3 when importable (CUDA, fp16/bf16); packed rows use ``flash_attn_varlen_func``.
+``tiled``      the same algorithm with the tile loop in Python and each tile product one batched matmul
+               (:mod:`effine.ops.tiled_attention`): 1.4-1.7x faster than SDPA's CPU kernel for training shapes;
+               the CPU default for causal calls without a mask, softcap or dropout (others go to SDPA / eager);
+               packed rows run it once per document.
 
 Packed rows: several documents concatenated in one row. transformers v5 passes ``position_ids`` down to the
 attention function (decoder layer -> attention module -> ``attention_interface(..., **kwargs)``); documents start
@@ -57,6 +61,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from effine.ops.tiled_attention import supports, tiled_attention
+
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
@@ -75,7 +81,7 @@ __all__ = [
     "set_backend",
 ]
 
-BACKENDS = ("eager", "sdpa", "flash_attn")
+BACKENDS = ("eager", "sdpa", "flash_attn", "tiled")
 ENV_VAR = "EFFINE_ATTN"
 NAME = "effine"  # the name registered with transformers' AttentionInterface
 
@@ -146,7 +152,8 @@ def select_backend(
     """Choose a backend: ``override`` > :func:`attention_backend` > :func:`set_backend` > env ``EFFINE_ATTN`` > auto.
 
     Auto: flash-attn on CUDA for fp16/bf16 without an explicit mask (it handles packed rows with varlen, sliding
-    window and softcap); otherwise SDPA, except with logit softcapping, which SDPA cannot do, where eager is used.
+    window and softcap); on CPU ``tiled`` (:func:`attention` sends the calls it cannot serve exactly to SDPA);
+    otherwise SDPA, except with logit softcapping, which SDPA cannot do, where eager is used.
     ``packed`` does not change the choice on CPU (SDPA runs per document), it is accepted so callers state it.
     A forced backend is returned as is; :func:`attention` raises if it cannot serve the request.
     """
@@ -165,7 +172,9 @@ def select_backend(
     )
     if fa_ok:
         return "flash_attn"
-    return "eager" if softcap is not None else "sdpa"
+    if softcap is not None:
+        return "eager"
+    return "tiled" if device.type == "cpu" and not has_mask else "sdpa"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -479,10 +488,20 @@ def _sdpa_call(q, k, v, attn_mask, is_causal, scale, dropout):
     )
 
 
-def _sdpa_attention(q, k, v, *, scale, causal, sliding_window, cu_seqlens, mask, dropout) -> torch.Tensor:
+def _tiled_dense(q, k, v, *, scale, causal, sliding_window, keep, bias, dropout) -> torch.Tensor:
+    """:func:`effine.ops.tiled_attention.tiled_attention` where it applies exactly, else :func:`_sdpa_dense`."""
+    if keep is None and bias is None and supports(q, k, causal=causal, softcap=None, mask=None, dropout=dropout):
+        return tiled_attention(q, k, v, scale=scale, sliding_window=sliding_window)
+    return _sdpa_dense(q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, keep=keep, bias=bias,
+                       dropout=dropout)
+
+
+def _sdpa_attention(q, k, v, *, scale, causal, sliding_window, cu_seqlens, mask, dropout,
+                    dense=_sdpa_dense) -> torch.Tensor:
+    """SDPA (or, with ``dense=_tiled_dense``, the tiled kernel) on dense or packed rows."""
     keep, bias = _combine(None, mask)
     if cu_seqlens is None:
-        return _sdpa_dense(
+        return dense(
             q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, keep=keep, bias=bias, dropout=dropout
         )
     if mask is not None:
@@ -504,7 +523,7 @@ def _sdpa_attention(q, k, v, *, scale, causal, sliding_window, cu_seqlens, mask,
             # tokens), and no kernel call per token.
             rows[b].append(_repeat_kv(v[b : b + 1, :, ls:le], n_rep))
             continue
-        seg = _sdpa_dense(
+        seg = dense(
             q[b : b + 1, :, ls:le], k[b : b + 1, :, ls:le], v[b : b + 1, :, ls:le],  # (1, H, L, D) views
             scale=scale, causal=causal, sliding_window=sliding_window, keep=None, bias=None, dropout=dropout,
         )  # fmt: skip
@@ -608,12 +627,12 @@ def attention(
             q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
             cu_seqlens=cu_seqlens, dropout=dropout,
         )  # fmt: skip
-    if name == "sdpa":
+    if name in ("sdpa", "tiled"):
         if softcap is not None:
-            raise ValueError("the sdpa backend cannot apply attention logit softcapping; use eager or flash_attn")
+            raise ValueError(f"the {name} backend cannot apply attention logit softcapping; use eager or flash_attn")
         return _sdpa_attention(
             q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, cu_seqlens=cu_seqlens,
-            mask=mask, dropout=dropout,
+            mask=mask, dropout=dropout, dense=_tiled_dense if name == "tiled" else _sdpa_dense,
         )  # fmt: skip
     return eager_attention(
         q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,

@@ -1,0 +1,137 @@
+"""Tiled causal attention for CPU training: the flash-attention algorithm at matmul-sized tiles.
+
+Why. On CPU, PyTorch's SDPA flash kernel (``_scaled_dot_product_flash_attention_for_cpu``) runs small
+per-head tiles through scalar-heavy loops; measured on a 2-core AMX machine (SmolLM2-135M shapes: 9 query / 3 kv
+heads, head dim 64, batch 4 x 448 tokens, bf16) its forward + backward take ~37 ms per layer, ~70 GFLOP/s, about
+a tenth of the bf16 matmul peak, and attention was ~40% of a LoRA training step. Here the same algorithm (see
+:mod:`effine.ops.attention` for its statement) runs with the tile loop in Python and every tile product as one
+batched bf16 matmul (AMX), so only the softmax statistics are elementwise work.
+
+Algorithm, per query block ``i`` of ``bq`` rows (all heads of a kv group batched together: grouped-query
+attention multiplies the rows of a matmul, K and V are never repeated):
+
+forward   keys ``[k0, e)`` where ``e`` is the block's end (causal: later keys are skipped, not masked) and ``k0``
+          is 0 or the sliding-window start;
+          ``S = Q_i K^T * scale`` (fp32), mask ``j > i`` inside the diagonal tile (and ``i - j >= window``),
+          ``L_i = logsumexp(S)``, ``P = exp(S - L_i)``, ``O_i = P V``. Saved for backward: Q, K, V, O and L
+          (``T`` values per head) — never S or P, so activation memory stays O(T * d).
+backward  ``D_i = rowsum(dO_i * O_i)``; per block recompute ``P = exp(Q_i K^T * scale - L_i)`` and
+          ``dV += P^T dO_i``, ``dP = dO_i V^T``, ``dS = P * (dP - D_i) * scale``, ``dQ_i = dS K``,
+          ``dK += dS^T Q_i`` (dK and dV accumulate in fp32).
+
+Unlike the fully fused GPU kernel, a query block's scores over all its keys exist at once (``bq x T`` per head,
+fp32): the working set is O(bq * T) per call, not O(T^2), and it is freed before the next block. Matmul
+outputs are in the input dtype (CPU matmuls cannot write fp32 from bf16 inputs), so bf16 results carry one
+extra rounding of S and dP compared with SDPA's fp32 accumulators; the parity tests bound the difference.
+
+Scope: self-attention (Tq == Tk), causal, optional sliding window, no dropout, no explicit mask, no softcap —
+:func:`supports` says whether a call qualifies; :mod:`effine.ops.attention` routes everything else to SDPA or
+eager. Packed rows are handled by the caller, one call per document.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["DEFAULT_BLOCK", "supports", "tiled_attention"]
+
+DEFAULT_BLOCK = 64  # query rows per tile (per head); 64 was fastest for head dims 64-256 on AMX (bench in the PR)
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, *, causal: bool, softcap, mask, dropout: float) -> bool:
+    """Whether :func:`tiled_attention` can serve this call exactly."""
+    return (causal and softcap is None and mask is None and dropout == 0.0 and q.shape[2] == k.shape[2]
+            and q.shape[1] % k.shape[1] == 0 and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def _key_range(s: int, e: int, window: int | None) -> int:
+    """First key any query in [s, e) can see (causal, optional sliding window: i - j < window)."""
+    return 0 if window is None else max(0, s - window + 1)
+
+
+def _tile_mask(s: int, e: int, k0: int, window: int | None, device) -> torch.Tensor:
+    """(n, 1, M) bool, True where query i (in [s, e)) must not see key j. Without a window only the diagonal
+    tile (keys [s, e), the last M = n columns) has hidden entries; with one, all keys [k0, e) (M = e - k0)."""
+    i = torch.arange(s, e, device=device).view(-1, 1, 1)
+    j = torch.arange(s if window is None else k0, e, device=device).view(1, 1, -1)
+    hide = j > i
+    if window is not None:
+        hide |= (i - j) >= window
+    return hide
+
+
+def _scores(qb: torch.Tensor, kb: torch.Tensor, scale: float, hide: torch.Tensor, n: int, r: int) -> torch.Tensor:
+    """fp32 scaled, masked scores of one tile: (B, Hk, n*r, L); ``hide`` covers the last ``hide.shape[-1]`` keys."""
+    s = torch.matmul(qb, kb.transpose(-1, -2)).float().mul_(scale)  # (B, Hk, n*r, L)
+    B, Hk, _, L = s.shape
+    s.view(B, Hk, n, r, L)[..., L - hide.shape[-1] :].masked_fill_(hide, float("-inf"))
+    return s
+
+
+class _TiledAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qg, k, v, scale: float, window: int | None, block: int):
+        # qg (B, Hk, T, r, D): the r query heads of each kv head next to each other; k, v (B, Hk, T, D)
+        B, Hk, T, r, D = qg.shape
+        og = torch.empty_like(qg)
+        lse = torch.empty(B, Hk, T, r, dtype=torch.float32, device=qg.device)
+        for s in range(0, T, block):
+            e = min(T, s + block)
+            n, k0 = e - s, _key_range(s, e, window)
+            hide = _tile_mask(s, e, k0, window, qg.device)
+            sc = _scores(qg[:, :, s:e].reshape(B, Hk, n * r, D), k[:, :, k0:e], scale, hide, n, r)
+            l_i = torch.logsumexp(sc, dim=-1, keepdim=True)  # (B, Hk, n*r, 1)
+            p = sc.sub_(l_i).exp_()
+            og[:, :, s:e] = torch.matmul(p.to(qg.dtype), v[:, :, k0:e]).view(B, Hk, n, r, D)
+            lse[:, :, s:e] = l_i.view(B, Hk, n, r)
+        ctx.save_for_backward(qg, k, v, og, lse)
+        ctx.scale, ctx.window, ctx.block = scale, window, block
+        return og
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dog):
+        qg, k, v, og, lse = ctx.saved_tensors
+        scale, window, block = ctx.scale, ctx.window, ctx.block
+        B, Hk, T, r, D = qg.shape
+        dog = dog.contiguous()
+        delta = (dog.float() * og.float()).sum(-1)  # (B, Hk, T, r)  D_i = rowsum(dO * O)
+        dq = torch.empty_like(qg)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        for s in range(0, T, block):
+            e = min(T, s + block)
+            n, k0 = e - s, _key_range(s, e, window)
+            hide = _tile_mask(s, e, k0, window, qg.device)
+            qb = qg[:, :, s:e].reshape(B, Hk, n * r, D)
+            kb, vb = k[:, :, k0:e], v[:, :, k0:e]
+            p = _scores(qb, kb, scale, hide, n, r).sub_(lse[:, :, s:e].reshape(B, Hk, n * r, 1)).exp_()
+            dob = dog[:, :, s:e].reshape(B, Hk, n * r, D)
+            dv[:, :, k0:e] += torch.matmul(p.to(qg.dtype).transpose(-1, -2), dob)
+            dp = torch.matmul(dob, vb.transpose(-1, -2)).float()  # (B, Hk, n*r, L)
+            ds = p.mul_(dp.sub_(delta[:, :, s:e].reshape(B, Hk, n * r, 1))).mul_(scale).to(qg.dtype)
+            dq[:, :, s:e] = torch.matmul(ds, kb).view(B, Hk, n, r, D)
+            dk[:, :, k0:e] += torch.matmul(ds.transpose(-1, -2), qb)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def tiled_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    block: int = DEFAULT_BLOCK,
+) -> torch.Tensor:
+    """Causal self-attention, q (B, Hq, T, D), k / v (B, Hkv, T, D), Hq % Hkv == 0 -> (B, Hq, T, D).
+
+    ``sliding_window`` w: query i sees keys j with i - w < j <= i. ``block``: query rows per tile.
+    """
+    B, Hq, T, D = q.shape
+    Hk = k.shape[1]
+    r = Hq // Hk
+    scale = D**-0.5 if scale is None else scale
+    qg = q.view(B, Hk, r, T, D).transpose(2, 3).contiguous()  # (B, Hk, T, r, D)
+    og = _TiledAttention.apply(qg, k.contiguous(), v.contiguous(), float(scale), sliding_window, int(block))
+    return og.transpose(2, 3).reshape(B, Hq, T, D)
