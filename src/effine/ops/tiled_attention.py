@@ -14,7 +14,8 @@ forward   keys ``[k0, e)`` where ``e`` is the block's end (causal: later keys ar
           is 0 or the sliding-window start;
           ``S = Q_i K^T * scale`` (fp32), mask ``j > i`` inside the diagonal tile (and ``i - j >= window``),
           ``L_i = logsumexp(S)``, ``P = exp(S - L_i)``, ``O_i = P V``. Saved for backward: Q, K, V, O and L
-          (``T`` values per head) — never S or P, so activation memory stays O(T * d).
+          (``T`` values per head) — never S or P, so activation memory stays O(T * d). O is returned in the
+          (B, T, H, D) layout the output projection consumes, so it is not stored twice.
 backward  ``D_i = rowsum(dO_i * O_i)``; per block recompute ``P = exp(Q_i K^T * scale - L_i)`` and
           ``dV += P^T dO_i``, ``dP = dO_i V^T``, ``dS = P * (dP - D_i) * scale``, ``dQ_i = dS K``,
           ``dK += dS^T Q_i`` (dK and dV accumulate in fp32).
@@ -71,9 +72,11 @@ def _scores(qb: torch.Tensor, kb: torch.Tensor, scale: float, hide: torch.Tensor
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qg, k, v, scale: float, window: int | None, block: int):
-        # qg (B, Hk, T, r, D): the r query heads of each kv head next to each other; k, v (B, Hk, T, D)
+        # qg (B, Hk, T, r, D): the r query heads of each kv head next to each other; k, v (B, Hk, T, D).
+        # The output is written as (B, T, Hk, r, D) == (B, T, Hq, D), the layout the output projection reads, so
+        # the tensor saved here and the projection's saved input are one storage.
         B, Hk, T, r, D = qg.shape
-        og = torch.empty_like(qg)
+        og = torch.empty(B, T, Hk, r, D, dtype=qg.dtype, device=qg.device)
         lse = torch.empty(B, Hk, T, r, dtype=torch.float32, device=qg.device)
         for s in range(0, T, block):
             e = min(T, s + block)
@@ -82,7 +85,7 @@ class _TiledAttention(torch.autograd.Function):
             sc = _scores(qg[:, :, s:e].reshape(B, Hk, n * r, D), k[:, :, k0:e], scale, hide, n, r)
             l_i = torch.logsumexp(sc, dim=-1, keepdim=True)  # (B, Hk, n*r, 1)
             p = sc.sub_(l_i).exp_()
-            og[:, :, s:e] = torch.matmul(p.to(qg.dtype), v[:, :, k0:e]).view(B, Hk, n, r, D)
+            og[:, s:e] = torch.matmul(p.to(qg.dtype), v[:, :, k0:e]).view(B, Hk, n, r, D).transpose(1, 2)
             lse[:, :, s:e] = l_i.view(B, Hk, n, r)
         ctx.save_for_backward(qg, k, v, og, lse)
         ctx.scale, ctx.window, ctx.block = scale, window, block
@@ -94,8 +97,7 @@ class _TiledAttention(torch.autograd.Function):
         qg, k, v, og, lse = ctx.saved_tensors
         scale, window, block = ctx.scale, ctx.window, ctx.block
         B, Hk, T, r, D = qg.shape
-        dog = dog.contiguous()
-        delta = (dog.float() * og.float()).sum(-1)  # (B, Hk, T, r)  D_i = rowsum(dO * O)
+        delta = (dog.float() * og.float()).sum(-1).transpose(1, 2)  # (B, Hk, T, r)  D_i = rowsum(dO * O)
         dq = torch.empty_like(qg)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -106,7 +108,7 @@ class _TiledAttention(torch.autograd.Function):
             qb = qg[:, :, s:e].reshape(B, Hk, n * r, D)
             kb, vb = k[:, :, k0:e], v[:, :, k0:e]
             p = _scores(qb, kb, scale, hide, n, r).sub_(lse[:, :, s:e].reshape(B, Hk, n * r, 1)).exp_()
-            dob = dog[:, :, s:e].reshape(B, Hk, n * r, D)
+            dob = dog[:, s:e].transpose(1, 2).reshape(B, Hk, n * r, D)
             dv[:, :, k0:e] += torch.matmul(p.to(qg.dtype).transpose(-1, -2), dob)
             dp = torch.matmul(dob, vb.transpose(-1, -2)).float()  # (B, Hk, n*r, L)
             ds = p.mul_(dp.sub_(delta[:, :, s:e].reshape(B, Hk, n * r, 1))).mul_(scale).to(qg.dtype)
@@ -134,4 +136,4 @@ def tiled_attention(
     scale = D**-0.5 if scale is None else scale
     qg = q.view(B, Hk, r, T, D).transpose(2, 3).contiguous()  # (B, Hk, T, r, D)
     og = _TiledAttention.apply(qg, k.contiguous(), v.contiguous(), float(scale), sliding_window, int(block))
-    return og.transpose(2, 3).reshape(B, Hq, T, D)
+    return og.view(B, T, Hq, D).transpose(1, 2)  # (B, Hq, T, D) view; .transpose(1, 2) of it is contiguous

@@ -548,15 +548,18 @@ def _input_groups(linears: list[_Linear]) -> list[list[_Linear]]:
     return groups
 
 
-def _is_attn_out(l: _Linear) -> bool:
+def _is_attn_out(l: _Linear, any_name: bool = False) -> bool:
     """The attention output projection of a Llama-style attention module, whose input is a view of the SDPA
-    output (transpose + reshape of a (B, T, H, D)-strided result: no copy)."""
+    output (transpose + reshape of a (B, T, H, D)-strided result: no copy). ``any_name``: also the other
+    families' names for it (Phi ``dense``, Falcon ``dense``)."""
     parent = l.name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
-    return _suffix(l.name) == "o_proj" and ("attn" in parent or "attention" in parent)
+    names = ("o_proj", "dense", "out_proj") if any_name else ("o_proj",)
+    return _suffix(l.name) in names and ("attn" in parent or "attention" in parent)
 
 
 def _layer_activation_bytes(inv: _Inventory, layer: int, cfg: Config, b: int, T: int, eager: bool,
-                            first_layer_frozen_input: bool, fused: bool = False) -> tuple[float, float]:
+                            first_layer_frozen_input: bool, fused: bool = False, tiled: bool = False
+                            ) -> tuple[float, float]:
     """(bytes per token, bytes per layer call) that autograd keeps for one decoder layer (module docstring)."""
     full = cfg.adapter.method == "full"
     r = cfg.adapter.r
@@ -566,6 +569,7 @@ def _layer_activation_bytes(inv: _Inventory, layer: int, cfg: Config, b: int, T:
     # a sliding-window layer shorter than T runs SDPA with an explicit (T, T) mask (kept in the compute dtype)
     # and zeroes fully masked rows afterwards, so its output is a new tensor
     windowed = bool(inv.sliding_window) and layer < len(inv.sliding) and inv.sliding[layer] and T > inv.sliding_window
+    windowed = windowed and not tiled  # the tiled kernel applies windows tile by tile, no mask, same output
     if windowed and not eager:
         const += T * T * b + T
     # norms
@@ -615,6 +619,8 @@ def _layer_activation_bytes(inv: _Inventory, layer: int, cfg: Config, b: int, T:
             if not full:
                 continue
         shares_sdpa_output = _is_attn_out(g[0]) and not eager and not windowed and inv.effine_attention
+        if tiled and inv.effine_attention and _is_attn_out(g[0], any_name=True):
+            shares_sdpa_output = True  # the tiled kernel writes its output in the projection's (B, T, H*D) layout
         recomputed = fused_mlp and _suffix(g[0].name) in ("down_proj",)
         if not (shares_sdpa_output or recomputed):
             total += b * k  # the input itself, once for the group (frozen base linears keep nothing)
@@ -632,12 +638,12 @@ def _layer_activation_bytes(inv: _Inventory, layer: int, cfg: Config, b: int, T:
     return total, const
 
 
-def _activations(inv: _Inventory, cfg: Config, b: int, B: int, T: int, eager: bool, fused: bool = False
-                 ) -> tuple[int, int, int, int]:
+def _activations(inv: _Inventory, cfg: Config, b: int, B: int, T: int, eager: bool, fused: bool = False,
+                 tiled: bool = False) -> tuple[int, int, int, int]:
     """(saved bytes without checkpointing, saved layer inputs with checkpointing, bytes of the largest layer's
     activations for this batch (what one recomputed layer holds), its bytes per token)."""
     N = B * T
-    per_layer = [_layer_activation_bytes(inv, i, cfg, b, T, eager, True, fused) for i in range(inv.L)]
+    per_layer = [_layer_activation_bytes(inv, i, cfg, b, T, eager, True, fused, tiled) for i in range(inv.L)]
     final = [n for n in inv.norms if n.layer is None]
     fin = final[-1] if final else _Norm("norm", inv.H, False, None)
     if fin.layer_norm:
@@ -648,7 +654,7 @@ def _activations(inv: _Inventory, cfg: Config, b: int, B: int, T: int, eager: bo
         final_norm = 4 * inv.H + 4 + ((4 if fin.gemma else b) * inv.H if cfg.adapter.method == "full" else 0)
     final_norm += 16  # int64 token ids (embedding backward) and the loss's row index
     no_ckpt = int(sum(t for t, _ in per_layer) * N + sum(c for _, c in per_layer) + final_norm * N)
-    big_t, big_c = max(_layer_activation_bytes(inv, i, cfg, b, T, eager, False, fused) for i in range(inv.L))
+    big_t, big_c = max(_layer_activation_bytes(inv, i, cfg, b, T, eager, False, fused, tiled) for i in range(inv.L))
     inputs = int(inv.L * b * inv.H * N + final_norm * N)
     one_layer = int(big_t * N + big_c)
     return no_ckpt, inputs, one_layer, int(max(t for t, _ in per_layer))
@@ -694,8 +700,10 @@ def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | N
     # attention backend as effine picks it (ops.attention.select_backend)
     attn = cfg.model.attn
     if attn in ("auto", "flash_attn"):
-        attn = "eager" if (inv.attn_softcap and not (device == "cuda" and attn == "flash_attn")) else "sdpa"
+        attn = "eager" if (inv.attn_softcap and not (device == "cuda" and attn == "flash_attn")) else \
+            ("tiled" if device == "cpu" and attn == "auto" else "sdpa")
     eager = attn == "eager"
+    tiled = attn == "tiled"  # windows without a (T, T) mask, output shared with the output projection
     if eager:
         notes.append("eager attention keeps (B, Hq, T, T) fp32 probabilities per layer: memory grows with T^2")
 
@@ -720,7 +728,7 @@ def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | N
 
     # activations
     fused = _fused_ops(cfg) if fused is None else fused
-    acts_full, acts_inputs, acts_one_layer, per_tok_layer = _activations(inv, cfg, b, B, T, eager, fused)
+    acts_full, acts_inputs, acts_one_layer, per_tok_layer = _activations(inv, cfg, b, B, T, eager, fused, tiled)
     ckpt = cfg.model.gradient_checkpointing
     # checkpointing: the loss runs while only the layer inputs exist; backward recomputes one layer at a time
     acts_fwd = acts_inputs if ckpt else acts_full
