@@ -94,7 +94,14 @@ class LoRALinear(nn.Module):
         """``base(x) + s · B A dropout(x)``; on a QAT base ``x fq(W + s·B A)^T + b`` (:meth:`_qat_forward`)."""
         if isinstance(self.base, FakeQuantLinear):
             return self._qat_forward(x)
-        y = self.base(x)  # (…, d) in the base's compute dtype
+        base = self.base
+        if (type(base) is nn.Linear and x.dtype == base.weight.dtype and not base.weight.requires_grad
+                and not (self.training and isinstance(self.dropout, nn.Dropout))):
+            # The common case (frozen dense base, no active dropout): one autograd node, see _LoRALinearFn.
+            y = _LoRALinearFn.apply(x.reshape(-1, self.in_features), base.weight, base.bias, self.lora_A.weight,
+                                    self.lora_B.weight, float(self.scale))
+            return y.view(*x.shape[:-1], self.out_features)
+        y = base(x)  # (…, d) in the base's compute dtype
         # Mixed precision: the adapter weights are the (fp32) master copy, but the update is computed in the
         # activation dtype. Casting A (r, k) and B (d, r) is cheap; casting x (…, k) to fp32 instead would make
         # autograd keep an fp32 copy of every adapted layer's input — on a bf16 base that was most of the
@@ -162,6 +169,52 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha:g}, scale={self.scale:g}{', rslora' if self.rslora else ''}")
+
+
+class _LoRALinearFn(torch.autograd.Function):
+    """``y = x W^T + b + s (x A^T) B^T`` for a frozen dense W, as one autograd node (the math of
+    :meth:`LoRALinear.forward`, fewer passes over the activations).
+
+    x (N, k) and W (d, k) in the compute dtype; A (r, k) and B (d, r) are the fp32 master weights, used as
+    ``a = A`` and ``bs = s·B`` cast to the compute dtype. Forward: ``y = x W^T + b`` then ``y += h bs^T`` with
+    ``h = x a^T`` (N, r), accumulated in place by ``addmm_`` (fp32 inside, one rounding) instead of separate
+    scale and add passes over the (N, d) output. Backward, with g = dL/dy and ``gb = g bs`` (N, r):
+
+        dL/dx = g W + gb a          (one matmul plus an in-place addmm)
+        dL/dA = gb^T x              (r, k)     dL/dB = s g^T h    (d, r)      (returned in fp32)
+
+    Saved for backward: x (shared with the layer's other consumers), h, and the small cast copies of A and B —
+    the same tensors the unfused graph keeps.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
+        a = lora_a.to(x.dtype)  # (r, k)
+        bs = (lora_b * scale).to(x.dtype)  # (d, r)
+        y = nn.functional.linear(x, weight, bias)  # (N, d)
+        h = x @ a.t()  # (N, r)
+        y.addmm_(h, bs.t())
+        ctx.save_for_backward(x, weight, h, a, bs)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, weight, h, a, bs = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        gb = g @ bs  # (N, r)
+        grad_x = grad_bias = grad_a = grad_b = None
+        if need_x:
+            grad_x = g @ weight  # (N, k)
+            grad_x.addmm_(gb, a)
+        if need_bias:
+            grad_bias = g.sum(0)
+        if need_a:
+            grad_a = (gb.t() @ x).float()
+        if need_b:
+            grad_b = (g.t() @ h).float().mul_(ctx.scale)
+        return grad_x, None, grad_bias, grad_a, grad_b, None
 
 
 def _qat_dropout_error(p: float) -> ConfigError:
