@@ -8,7 +8,7 @@ Both runs report the held-out loss before and after training on the same eval ro
 and the training tokens/s the loop measured. The two runs are sequential in one process; compare tokens/s only
 from the same invocation.
 
-    python bench/qlora_vs_lora.py                    # ~8 min on 2 cores; writes bench/results/qlora_vs_lora.{md,json}
+    python bench/qlora_vs_lora.py                    # ~8 min on 2 cores; appends bench/results/qlora_vs_lora.md
     python bench/qlora_vs_lora.py --steps 4 --out /tmp/smoke   # plumbing check
 
 The goal in issue 4: eval loss within 2% of bf16 LoRA, tokens/s >= 0.8x.
@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=str(HERE.parent / "configs" / "smollm2-135m-lora.yaml"))
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--work", default="/tmp/effine-qlora-vs-lora", help="run dirs go here")
+    ap.add_argument("--qset", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for the quantized run only (e.g. quant.blocksize=32)")
     ap.add_argument("--out", default=str(HERE / "results"), help="directory for qlora_vs_lora.{md,json}")
     args = ap.parse_args(argv)
 
@@ -41,14 +43,14 @@ def main(argv=None) -> int:
     from effine.train.run import run_training
 
     res = {}
-    for name, quant in (("lora-bf16", "none"), ("qlora-nf4", "nf4")):
+    for name, quant in (("lora-bf16", "none"), ("qlora-nf4" + "".join(f" ({q})" for q in args.qset), "nf4")):
         cfg = load_config(args.config, [f"train.max_steps={args.steps}", f"quant.method={quant}",
-                                        f"output.dir={args.work}/{name}", "output.overwrite=true",
-                                        "eval.prompts_from_eval=0"])
+                                        f"output.dir={args.work}/{quant}", "output.overwrite=true",
+                                        "eval.prompts_from_eval=0"] + (args.qset if quant != "none" else []))
         s = run_training(cfg)
         res[name] = {k: s[k] for k in ("steps", "train_seconds", "tokens_per_s", "supervised_per_s",
                                        "final_train_loss", "eval_before", "eval_after")}
-    lo, q = res["lora-bf16"], res["qlora-nf4"]
+    lo, q = res["lora-bf16"], res[next(k for k in res if k.startswith("qlora"))]
     rel = q["eval_after"]["eval_loss"] / lo["eval_after"]["eval_loss"] - 1
     speed = q["tokens_per_s"] / lo["tokens_per_s"]
     rep = {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "config": args.config, "steps": args.steps,
@@ -56,7 +58,9 @@ def main(argv=None) -> int:
            "runs": res, "eval_loss_rel_diff": rel, "tokens_per_s_ratio": speed}
     md = [f"## QLoRA (nf4) vs bf16 LoRA — {rep['date']}", "",
           f"`{Path(args.config).name}`, {args.steps} steps each, same data/order/seed; torch {torch.__version__}, "
-          f"{rep['threads']} threads, CPU. Command: `python bench/qlora_vs_lora.py --steps {args.steps}`", "",
+          f"{rep['threads']} threads, CPU. Command: `python bench/qlora_vs_lora.py --config "
+          f"configs/{Path(args.config).name} --steps {args.steps}" + "".join(f" --qset {q}" for q in args.qset)
+          + "`", "",
           "| run | eval loss before | eval loss after | train tok/s | supervised tok/s | train s |",
           "|---|---|---|---|---|---|"]
     for name, r in res.items():
@@ -66,8 +70,10 @@ def main(argv=None) -> int:
            f"QLoRA tokens/s = {speed:.2f}x bf16 LoRA (goal >= 0.8x).", ""]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "qlora_vs_lora.json").write_text(json.dumps(rep, indent=1))
-    (out / "qlora_vs_lora.md").write_text("\n".join(md))
+    stem = f"qlora_vs_lora-{Path(args.config).stem}-{args.steps}steps" + "".join(f"-{q}" for q in args.qset)
+    (out / f"{stem}.json").write_text(json.dumps(rep, indent=1))
+    with open(out / "qlora_vs_lora.md", "a") as f:  # one section per run, newest last
+        f.write("\n".join(md) + f"\nRaw: `bench/results/{stem}.json`\n\n")
     print("\n".join(md))
     return 0
 
