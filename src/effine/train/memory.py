@@ -819,7 +819,9 @@ def _status_bytes(key: str) -> int:
     return 0
 
 
-def _reset_hwm() -> bool:
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs),
+    so that the peak measured next is that of what follows only. False where not permitted."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -848,7 +850,7 @@ def _measure_worker() -> None:
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.cache_dir, cfg.model.revision)
     gc.collect()
     baseline = _status_bytes("VmRSS")
-    can_reset = _reset_hwm()
+    can_reset = reset_peak_rss()
     t0 = time.perf_counter()
     model = prepare_model(cfg, model_dir, lambda m: None)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -862,7 +864,7 @@ def _measure_worker() -> None:
     model.train()
     step_peaks, step_s = [], []
     if can_reset:
-        _reset_hwm()
+        reset_peak_rss()
     for _ in range(req["steps"]):
         t = time.perf_counter()
         window = []
