@@ -229,3 +229,21 @@ def test_fused_path_matches_fp64_math(dtype, tol, bias) -> None:
     m2.load_state_dict(m.state_dict())
     for got, want in zip(fused, run(m2)):
         assert rel(got, want.double()) < tol
+
+
+def test_count_parameters_counts_quantized_weights_logically() -> None:
+    """A QLoRA model reports the same total as the dense model with the same adapters (the packed 4-bit buffer is
+    not a parameter, so it used to drop out of the total), and the same trainable count."""
+    from effine.quant import quantize_model
+
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(64, 32, bias=False), nn.Linear(32, 64, bias=False)).requires_grad_(False)
+        return m
+
+    dense, quant = build(), build()
+    quantize_model(quant, "nf4", filter_fn=lambda n, m: True)
+    assert sum(isinstance(getattr(m, "qweight", None), torch.Tensor) for m in quant.modules()) == 2
+    for m in (dense, quant):
+        inject_lora(m, AdapterConfig(r=4, alpha=8, target_modules=["0", "1"]), dtype=torch.float32)
+    assert count_parameters(quant) == count_parameters(dense) == (4 * (64 + 32) * 2, 64 * 32 * 2 + 4 * (64 + 32) * 2)

@@ -439,9 +439,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights are counted once."""
+    """(trainable, total) parameter counts; tied weights are counted once.
+
+    A quantized layer (``QuantLinear``: its weight is a packed ``qweight`` buffer, not a parameter) counts as its
+    logical ``out_features x in_features`` weights, so a QLoRA model reports the same total as the dense one.
+    """
     trainable = total = 0
     for p in model.parameters():
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    for m in model.modules():
+        if isinstance(getattr(m, "qweight", None), torch.Tensor) and hasattr(m, "in_features"):
+            total += m.in_features * m.out_features
     return trainable, total
