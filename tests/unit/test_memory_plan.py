@@ -198,3 +198,31 @@ def test_prediction_within_20_percent_of_measured_smollm2():
     measured = measure_peak(cfg, steps=2)
     err = (plan.above_baseline - measured["peak"]) / measured["peak"]
     assert abs(err) < 0.20, f"predicted {plan.above_baseline / GiB:.3f} GiB, measured {measured['peak'] / GiB:.3f} GiB"
+
+
+def test_release_free_heap_returns_freed_pages():
+    """After freeing many heap-sized tensors (below glibc's mmap threshold, so they stay in the heap), the trim
+    gives their pages back: RSS falls by most of what was freed. Linux + glibc only (what effine's CPU target is)."""
+    import platform
+
+    from effine.train.memory import release_free_heap
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+
+    def rss() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:"))
+
+    # 8192 x 64 KiB = 512 MiB of filled heap chunks (below glibc's 128 KiB initial mmap threshold), each followed
+    # by a small live chunk so that freeing them leaves holes that only malloc_trim gives back (not the heap-top trim)
+    keep, pins = [], []
+    for _ in range(8192):
+        keep.append(torch.ones(16 * 1024))
+        pins.append(torch.ones(16))
+    del keep
+    before = rss()
+    assert release_free_heap() is True
+    after = rss()
+    assert before - after > 256 * 2**20, (before, after)
+    del pins

@@ -72,6 +72,9 @@ def prepare_model(cfg: Config, model_dir: Path, log) -> torch.nn.Module:
         n = quantize_model(model, cfg.quant.method, group_size=cfg.quant.group_size, blocksize=cfg.quant.blocksize,
                            double_quant=cfg.quant.double_quant)
         log(f"quantized {n} linear layers to {cfg.quant.method}")
+        from effine.train.memory import release_free_heap
+
+        release_free_heap()  # the freed bf16 weights' pages go back to the OS, not just to the heap
     if cfg.quant.qat_bits:
         from effine.quant import apply_qat
 
