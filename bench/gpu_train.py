@@ -12,6 +12,9 @@ Variants:
   effine-lora      effine LoRA (fp32 adapters), effine attention (SDPA / flash-attn), chunked loss (no full logits)
   peft-lora        peft.get_peft_model + model(input_ids, labels=...).loss: transformers' own loss on full logits
   effine-qlora     base linears stored NF4 (effine.quant.QuantLinear, double quant) + effine LoRA
+  effine-*-ckpt    the same with gradient checkpointing (transformers' per-layer, non-reentrant)
+
+effine variants also swap in effine's fused RMSNorm / gated MLP, as `effine train` does by default.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from effine.adapters import inject_lora  # noqa: E402
 from effine.config import AdapterConfig  # noqa: E402
 from effine.model.tiny import random_large_config, tiny_config  # noqa: E402
 from effine.ops.attention import enable  # noqa: E402
+from effine.ops.swap import fuse_model  # noqa: E402
 from effine.train.loop import backward_window  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -70,12 +74,15 @@ def run_variant(variant: str, name: str, args, device: str) -> dict:
             out.loss.backward()
             return float(out.loss)
     else:
-        if variant == "effine-qlora":
+        if variant.startswith("effine-qlora"):
             from effine.quant import quantize_model
 
             quantize_model(model, "nf4", double_quant=True)
         enable(model)
         inject_lora(model, AdapterConfig(r=16, alpha=32.0), dtype=torch.float32)
+        fuse_model(model)  # what `effine train` does (model.fused_ops, on by default)
+        if variant.endswith("-ckpt"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         def step():
             loss, n = backward_window(model, [batch])

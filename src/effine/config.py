@@ -39,6 +39,8 @@ class ModelConfig:
     dtype: Literal["bf16", "fp32", "fp16"] = _f("bf16", "Compute dtype of the base weights and activations.")
     attn: Literal["auto", "sdpa", "eager", "flash_attn", "tiled"] = _f(
         "auto", "Attention backend (auto picks the fastest available for the device).")
+    device: str = _f("auto", "Where to train: auto (the first CUDA GPU when one is visible, else cpu), cpu, cuda "
+                     "or cuda:N.")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) when `name` is a hub id.")
     trust_remote_code: bool = _f(False, "Run model code shipped with a hub repo. Off by default: it executes "
                                  "untrusted Python.")
@@ -90,6 +92,11 @@ class QuantConfig:
     group_size: int = _f(64, "Group size for int4/int8 affine quantization.")
     blocksize: int = _f(64, "Block size for nf4/fp4.")
     double_quant: bool = _f(True, "Quantize the nf4/fp4 block scales too (QLoRA double quantization).")
+    skip_modules: list[str] | None = _f(None, "Linear layers that quant.method leaves in model.dtype: module name "
+                                        "suffixes or qualified names, matched like adapter.target_modules (e.g. "
+                                        "[v_proj], the projection whose quantization costs most eval loss per weight "
+                                        "on the models in bench/results/quant_sensitivity.md). Unset: quantize every "
+                                        "linear but the output head and embeddings.")
     qat_bits: int | None = _f(None, "Quantization-aware training: fake-quantize trained weights to this many bits. "
                               "With LoRA the merged weight W + s·BA is fake-quantized (the adapters learn the "
                               "rounding PTQ will apply); adapter.dropout must then be 0.")

@@ -54,6 +54,8 @@ def runs(tmp_path_factory, tiny_llama_dir):
         "nf4": _train(root, tiny_llama_dir, "nf4", "quant.method=nf4", "model.dtype=fp32"),
         "int4-bf16": _train(root, tiny_llama_dir, "int4-bf16", "quant.method=int4", "quant.group_size=32",
                             "model.dtype=bf16"),
+        "nf4-skip": _train(root, tiny_llama_dir, "nf4-skip", "quant.method=nf4", "model.dtype=fp32",
+                           "quant.skip_modules=[v_proj, layers.1.mlp.down_proj]"),
     }
 
 
@@ -95,7 +97,7 @@ def test_qlora_run_generates_on_the_quantized_base(runs, prompt_ids):
     meta = json.loads((run / "adapter" / RUN_META_NAME).read_text())
     assert meta["model_dtype"] == "fp32"
     assert meta["quant"] == {"method": "nf4", "group_size": 64, "blocksize": 64, "double_quant": True,
-                             "qat_bits": None}
+                             "qat_bits": None, "skip_modules": None}
 
     logs: list[str] = []
     loaded = load_for_generation(run, "fp32", log=logs.append)
@@ -141,6 +143,36 @@ def test_bf16_int4_run_same_codes_in_any_compute_dtype(runs, prompt_ids):
         if dtype == "bf16":  # the same computation as in training
             assert torch.equal(logits.argmax(-1), ref.argmax(-1))
             assert (logits - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+
+
+def test_skip_modules_stay_unquantized_in_training_and_generation(runs, prompt_ids, tmp_path):
+    """quant.skip_modules: the named linears keep their dense weights in training, and generation rebuilds the
+    same mix (from the adapter's record, and from config.yaml for a run without one)."""
+    from effine.adapters import lora_modules
+    from effine.quant import QuantLinear
+
+    run, trained = runs["nf4-skip"]
+    meta = json.loads((run / "adapter" / RUN_META_NAME).read_text())
+    assert meta["quant"]["skip_modules"] == ["v_proj", "layers.1.mlp.down_proj"]
+
+    def dense_targets(model):
+        return sorted(n for n, m in lora_modules(model).items() if not isinstance(m.base, QuantLinear))
+
+    want = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
+    assert dense_targets(trained) == want
+    ref = _logits(trained, prompt_ids)
+    old = tmp_path / "old-run"  # no effine_run.json: the recipe comes from config.yaml
+    shutil.copytree(run / "adapter", old / "adapter")
+    shutil.copy(run / "config.yaml", old / "config.yaml")
+    (old / "adapter" / RUN_META_NAME).unlink()
+    for target in (run, old):
+        logs: list[str] = []
+        loaded = load_for_generation(target, "fp32", log=logs.append)
+        assert any("except v_proj, layers.1.mlp.down_proj" in m for m in logs), logs
+        assert dense_targets(loaded.model) == want
+        assert sum(isinstance(m, QuantLinear) for m in loaded.model.modules()) == 14 - 3
+        diff = (_logits(loaded.model, prompt_ids) - ref).abs().max().item()
+        assert diff <= TOL_FP32 * ref.abs().max().item(), diff
 
 
 def test_adapter_dir_alone_and_older_runs(runs, prompt_ids, tmp_path):

@@ -186,35 +186,38 @@ def test_fp32_adapter_on_bf16_base() -> None:
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_path_matches_fp64_math(dtype, tol, bias) -> None:
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_fused_path_matches_fp64_math(dtype, tol, bias, device) -> None:
     """The one-node fast path (frozen dense base, no active dropout): output and the gradients of x, A and B equal
     y = x W^T + b + s (x A^T) B^T differentiated in fp64 (fp32: 1e-5 relative; bf16: bf16 rounding). The unfused
     path (forced by a module that is not a plain nn.Linear) gives the same result."""
     torch.manual_seed(0)
-    base = nn.Linear(24, 40, bias=bias).to(dtype).requires_grad_(False)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    base = nn.Linear(24, 40, bias=bias).to(dtype).requires_grad_(False).to(device)
     m = LoRALinear(base, r=4, alpha=8, dtype=torch.float32)
     with torch.no_grad():
         m.lora_B.weight.normal_()
-    x = torch.randn(3, 5, 24).to(dtype)
+    x = torch.randn(3, 5, 24).to(dtype).to(device)
 
     def run(mod):
         xx = x.clone().requires_grad_()
         y = mod(xx)
-        g = torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(y.dtype)
+        g = torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(y.dtype).to(y.device)
         ga, gb, gx = torch.autograd.grad(y, (mod.lora_A.weight, mod.lora_B.weight, xx), g)
         return y, ga, gb, gx
 
     def ref():
-        W, A, B = (t.detach().double().requires_grad_() for t in (base.weight, m.lora_A.weight, m.lora_B.weight))
-        xx = x.double().requires_grad_()
+        W, A, B = (t.detach().cpu().double().requires_grad_()
+                   for t in (base.weight, m.lora_A.weight, m.lora_B.weight))
+        xx = x.cpu().double().requires_grad_()
         y = xx @ W.T + m.scale * (xx @ A.T) @ B.T
         if bias:
-            y = y + base.bias.double()
+            y = y + base.bias.cpu().double()
         g = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(dtype).double()
         ga, gb, gx = torch.autograd.grad(y, (A, B, xx), g)
         return y, ga, gb, gx
 
-    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    rel = lambda a, b: ((a.cpu().double() - b.cpu()).norm() / b.norm()).item()  # noqa: E731
     fused = run(m)
     assert fused[1].dtype == fused[2].dtype == torch.float32  # fp32 gradients for the fp32 master weights
     for got, want in zip(fused, ref()):
@@ -223,7 +226,7 @@ def test_fused_path_matches_fp64_math(dtype, tol, bias) -> None:
     class NotPlain(nn.Linear):  # same math, but not the fused path's exact type
         pass
 
-    other = NotPlain(24, 40, bias=bias).to(dtype).requires_grad_(False)
+    other = NotPlain(24, 40, bias=bias).to(dtype).requires_grad_(False).to(device)
     other.load_state_dict(base.state_dict())
     m2 = LoRALinear(other, r=4, alpha=8, dtype=torch.float32)
     m2.load_state_dict(m.state_dict())

@@ -44,13 +44,15 @@ def test_lora_target_modules_subset():
     assert plan.n_trainable == count_parameters(model)[0]
 
 
-@pytest.mark.parametrize("method,double_quant", [("nf4", True), ("nf4", False), ("int8", True), ("int4", True)])
-def test_quantized_weight_bytes_match_quantlinear(method, double_quant):
-    cfg = _cfg(quant__method=method, quant__double_quant=double_quant, model__dtype="bf16")
+@pytest.mark.parametrize("method,double_quant,skip", [("nf4", True, None), ("nf4", False, None),
+                                                       ("int8", True, None), ("int4", True, None),
+                                                       ("nf4", True, ["v_proj", "layers.0.mlp.up_proj"])])
+def test_quantized_weight_bytes_match_quantlinear(method, double_quant, skip):
+    cfg = _cfg(quant__method=method, quant__double_quant=double_quant, quant__skip_modules=skip, model__dtype="bf16")
     plan = plan_memory(cfg, model_config=tiny_config("llama", hidden_size=128, intermediate_size=320))
     model = tiny_model("llama", dtype=torch.bfloat16, hidden_size=128, intermediate_size=320)
     quantize_model(model, method, group_size=cfg.quant.group_size, blocksize=cfg.quant.blocksize,
-                   double_quant=double_quant)
+                   double_quant=double_quant, skip_modules=skip)
     real_q = sum(m.nbytes() for m in model.modules() if isinstance(m, QuantLinear))
     real_dense = sum(p.numel() * p.element_size() for p in model.parameters())  # QuantLinear holds buffers only
     real_dense += sum(b.numel() * b.element_size() for n, b in model.named_buffers()

@@ -52,16 +52,18 @@ def test_forward_matches_dequantized_linear(method, bias):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_input_grad_and_lora_grads_match_dense_reference(method):
-    lin = _linear(bias=True, seed=1)
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_input_grad_and_lora_grads_match_dense_reference(method, device):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    lin = _linear(bias=True, seed=1).to(device)
     ql = QuantLinear.from_linear(lin, method=method, group_size=32)
     w = ql.dequantize().detach()
     torch.manual_seed(2)
-    up = nn.Linear(16, 96)  # a trainable layer below, so the gradient has to flow through ql
-    a = (torch.randn(4, 96) * 0.1).requires_grad_()  # LoRA A (r=4) and B on top of the frozen layer
-    b = (torch.randn(48, 4) * 0.1).requires_grad_()
-    x0 = torch.randn(3, 7, 16)
-    g = torch.randn(3, 7, 48)
+    up = nn.Linear(16, 96).to(device)  # a trainable layer below, so the gradient has to flow through ql
+    a = (torch.randn(4, 96) * 0.1).to(device).requires_grad_()  # LoRA A (r=4) and B on top of the frozen layer
+    b = (torch.randn(48, 4) * 0.1).to(device).requires_grad_()
+    x0 = torch.randn(3, 7, 16).to(device)
+    g = torch.randn(3, 7, 48).to(device)
 
     def run(base):
         for t in (a, b, *up.parameters()):
@@ -339,6 +341,35 @@ def test_quantize_model_tiny_llama():
     model2 = _tiny_llama()
     n2 = quantize_model(model2, "int4", filter_fn=lambda name, m: name.endswith("q_proj"), group_size=32)
     assert n2 == 2 and isinstance(model2.model.layers[0].self_attn.k_proj, nn.Linear)
+
+
+def test_quantize_model_skip_modules_tiny_llama():
+    model = _tiny_llama()
+    n = quantize_model(model, "nf4", skip_modules=["v_proj", "model.layers.0.mlp.down_proj"])
+    assert n == 14 - 3
+    layers = model.model.layers
+    assert all(isinstance(layers[i].self_attn.v_proj, nn.Linear) for i in (0, 1))
+    assert isinstance(layers[0].mlp.down_proj, nn.Linear) and isinstance(layers[1].mlp.down_proj, QuantLinear)
+    assert layers[0].self_attn.v_proj.weight is not None  # kept dense, not released
+    # A typo must not silently quantize the layer the user meant to keep; the head is not quantizable anyway.
+    for bad in (["v_prj"], ["lm_head"], ["layers.0.mlp"]):
+        with pytest.raises(ConfigError, match=r"quant.skip_modules: '.*' names no quantizable linear layer.*"
+                                              r"end in: .*v_proj"):
+            quantize_model(_tiny_llama(), "nf4", skip_modules=bad)
+
+
+def test_check_quant_settings():
+    from effine.config import load_config
+    from effine.quant import check_quant_settings
+
+    ok = load_config(None, ["quant.method=nf4", "quant.skip_modules=[v_proj]"])
+    check_quant_settings(ok.quant, ok.adapter.method)
+    for sets, match in ((["quant.skip_modules=[v_proj]"], "quant.skip_modules: only applies"),
+                        (["quant.skip_modules=[v_proj]", "quant.qat_bits=4"], "QAT fake-quantizes every linear"),
+                        (["quant.method=nf4", "adapter.method=full"], "quant.method: a quantized base is frozen")):
+        cfg = load_config(None, sets)
+        with pytest.raises(ConfigError, match=match):
+            check_quant_settings(cfg.quant, cfg.adapter.method)
 
 
 def test_apply_and_unwrap_qat_tiny_llama():

@@ -85,6 +85,7 @@ class BaseRecipe:
     double_quant: bool  # nf4/fp4 double quantization
     qat_bits: int | None  # quant.qat_bits
     source: str  # the file it was read from
+    skip_modules: tuple[str, ...] = ()  # quant.skip_modules: linears left unquantized
 
     @classmethod
     def from_quant(cls, dtype: str, quant: dict[str, Any], source: str) -> "BaseRecipe":
@@ -98,7 +99,8 @@ class BaseRecipe:
                               "that base; pass --no-quant to use the unquantized base.")
         return cls(dtype=dtype, method=method, group_size=quant.get("group_size"),
                    blocksize=int(quant.get("blocksize", 64)), double_quant=bool(quant.get("double_quant", True)),
-                   qat_bits=quant.get("qat_bits"), source=source)
+                   qat_bits=quant.get("qat_bits"), source=source,
+                   skip_modules=tuple(quant.get("skip_modules") or ()))
 
     @property
     def changes_base(self) -> bool:
@@ -111,6 +113,8 @@ class BaseRecipe:
                          f"{', double quant' if self.double_quant else ''})")
         elif self.method != "none":
             parts.append(f"quantized to {self.method} (group size {self.group_size})")
+        if self.method != "none" and self.skip_modules:
+            parts[-1] += f" except {', '.join(self.skip_modules)}"
         if self.qat_bits:
             parts.append(f"fake-quantized to {self.qat_bits} bits (QAT, group size {self.group_size})")
         return " and ".join(parts) or "unquantized"
@@ -128,7 +132,7 @@ def run_meta(cfg, base_model: str | Path) -> dict[str, Any]:
         "adapter_method": cfg.adapter.method,
         "model_dtype": cfg.model.dtype,
         "quant": {"method": q.method, "group_size": q.group_size, "blocksize": q.blocksize,
-                  "double_quant": q.double_quant, "qat_bits": q.qat_bits},
+                  "double_quant": q.double_quant, "qat_bits": q.qat_bits, "skip_modules": q.skip_modules},
     }
 
 
@@ -158,7 +162,8 @@ def read_base_recipe(adapter_dir: Path | None, run_dir: Path | None) -> BaseReci
         q = cfg.quant
         return BaseRecipe.from_quant(cfg.model.dtype, {"method": q.method, "group_size": q.group_size,
                                                        "blocksize": q.blocksize, "double_quant": q.double_quant,
-                                                       "qat_bits": q.qat_bits}, str(run_dir / "config.yaml"))
+                                                       "qat_bits": q.qat_bits, "skip_modules": q.skip_modules},
+                                     str(run_dir / "config.yaml"))
     return None
 
 
@@ -239,7 +244,7 @@ def load_for_generation(spec: str | Path, dtype: str = "fp32", *, as_trained: bo
             from effine.quant import quantize_model
 
             quantize_model(model, recipe.method, group_size=recipe.group_size, blocksize=recipe.blocksize,
-                           double_quant=recipe.double_quant)
+                           double_quant=recipe.double_quant, skip_modules=list(recipe.skip_modules))
         if recipe.qat_bits:
             from effine.quant import apply_qat
 

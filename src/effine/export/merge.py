@@ -251,9 +251,10 @@ def _quant_info(cfg) -> dict[str, Any]:
     q = cfg.quant
     if q.method == "none":
         return {"method": "none"}
+    skip = {"skip_modules": list(q.skip_modules)} if q.skip_modules else {}
     if q.method in ("nf4", "fp4"):
-        return {"method": q.method, "blocksize": q.blocksize, "double_quant": q.double_quant}
-    return {"method": q.method, "group_size": q.group_size, "symmetric": True}
+        return {"method": q.method, "blocksize": q.blocksize, "double_quant": q.double_quant, **skip}
+    return {"method": q.method, "group_size": q.group_size, "symmetric": True, **skip}
 
 
 def _load_base(cfg, model_dir: Path, quantize: bool, qat: bool) -> nn.Module:
@@ -268,7 +269,7 @@ def _load_base(cfg, model_dir: Path, quantize: bool, qat: bool) -> nn.Module:
         from effine.quant import quantize_model
 
         quantize_model(model, cfg.quant.method, group_size=cfg.quant.group_size, blocksize=cfg.quant.blocksize,
-                       double_quant=cfg.quant.double_quant)
+                       double_quant=cfg.quant.double_quant, skip_modules=cfg.quant.skip_modules)
     if qat and cfg.quant.qat_bits:
         from effine.quant import apply_qat
 

@@ -142,6 +142,29 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``model.device``: auto (cuda when a CUDA GPU is visible, else cpu), cpu, cuda or cuda:N; checked."""
+    from effine.errors import ConfigError
+
+    spec = str(spec).strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"model.device: '{spec}' is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"model.device: '{spec}': effine trains on cpu or cuda.")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"model.device: '{spec}' but this torch ({torch.__version__}) sees no CUDA GPU; "
+                              "use model.device=cpu (or auto), or install a CUDA build of torch.")
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"model.device: '{spec}' but only {n} CUDA device(s) are visible (cuda:0..{n - 1}).")
+    return dev
+
+
 def load_model(model_dir: Path, dtype: str = "bf16", attn: str = "sdpa", trust_remote_code: bool = False,
                device: str | torch.device = "cpu") -> torch.nn.Module:
     """Load a causal LM from a local dir: safetensors only, in the requested compute dtype."""

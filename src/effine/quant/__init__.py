@@ -25,10 +25,12 @@ from effine.quant.nf4 import (
 from effine.quant.qat import FakeQuantLinear, ste_fake_quantize
 from effine.quant.swap import (
     apply_qat,
+    check_quant_settings,
     default_filter,
     load_ptq_state_dict,
     ptq_quantize_state_dict,
     quantize_model,
+    skip_filter,
     unwrap_qat,
 )
 
@@ -51,6 +53,8 @@ __all__ = [
     "FakeQuantLinear",
     "ste_fake_quantize",
     "default_filter",
+    "skip_filter",
+    "check_quant_settings",
     "quantize_model",
     "apply_qat",
     "unwrap_qat",

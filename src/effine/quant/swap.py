@@ -22,6 +22,8 @@ from effine.quant.qat import FakeQuantLinear
 
 __all__ = [
     "default_filter",
+    "skip_filter",
+    "check_quant_settings",
     "quantize_model",
     "apply_qat",
     "unwrap_qat",
@@ -57,9 +59,45 @@ def _swap(model: nn.Module, want: Callable[[str, nn.Module], bool], make: Callab
     return len(made)
 
 
-def quantize_model(model: nn.Module, method: str = "nf4", filter_fn: Optional[FilterFn] = None, **kw) -> int:
+def _named_by(name: str, entry: str) -> bool:
+    # The rule adapter.target_modules uses (PEFT's): the qualified name, or a suffix on a module boundary.
+    return name == entry or name.endswith("." + entry)
+
+
+def skip_filter(model: nn.Module, skip_modules: Optional[list[str]], base: Optional[FilterFn] = None) -> FilterFn:
+    """``base`` (default :func:`default_filter`) minus the linears named by ``skip_modules``.
+
+    Every entry must name at least one linear that ``base`` would otherwise accept: a typo must not silently
+    quantize the layer the user meant to keep (:class:`ConfigError` naming ``quant.skip_modules``).
+    """
+    base = base or default_filter
+    if not skip_modules:
+        return base
+    accepted = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and base(n, m)]
+    for entry in skip_modules:
+        if not any(_named_by(n, entry) for n in accepted):
+            suffixes = sorted({n.rsplit(".", 1)[-1] for n in accepted})
+            raise ConfigError(f"quant.skip_modules: '{entry}' names no quantizable linear layer of this "
+                              f"{type(model).__name__}; the quantizable layers end in: {', '.join(suffixes)}.")
+    skip = list(skip_modules)
+    return lambda n, m: base(n, m) and not any(_named_by(n, e) for e in skip)
+
+
+def check_quant_settings(quant, adapter_method: str) -> None:
+    """Cross-key checks of a ``quant:`` config section (``QuantConfig``) before anything is loaded."""
+    if quant.method != "none" and adapter_method == "full":
+        raise ConfigError("quant.method: a quantized base is frozen; use adapter.method=lora with it (QLoRA).")
+    if quant.skip_modules and quant.method == "none":
+        raise ConfigError("quant.skip_modules: only applies to a quantized base (quant.method nf4, fp4, int8 or int4); "
+                          f"quant.method is 'none'{' (QAT fake-quantizes every linear)' if quant.qat_bits else ''}. "
+                          "Remove quant.skip_modules or set quant.method.")
+
+
+def quantize_model(model: nn.Module, method: str = "nf4", filter_fn: Optional[FilterFn] = None,
+                   skip_modules: Optional[list[str]] = None, **kw) -> int:
     """Replace the accepted ``nn.Linear`` layers of ``model`` by :class:`QuantLinear` (in place).
 
+    ``skip_modules`` (``quant.skip_modules``) leaves the named linears as they are (see :func:`skip_filter`).
     ``kw`` goes to :meth:`QuantLinear.from_linear` (``group_size``, ``blocksize``, ``double_quant``,
     ``symmetric``, ``compute_dtype``). Layers are quantized one at a time and each replaced ``nn.Linear`` drops
     its weight and bias right away, so memory falls as the swap proceeds and at most one layer is held both
@@ -72,7 +110,7 @@ def quantize_model(model: nn.Module, method: str = "nf4", filter_fn: Optional[Fi
         raise ConfigError(
             f"quantize_model got unknown option(s) {unknown} (effine.quant): the options are {sorted(allowed)}."
         )
-    filter_fn = filter_fn or default_filter
+    filter_fn = skip_filter(model, skip_modules, filter_fn)
 
     def make(lin: nn.Module) -> nn.Module:
         q = QuantLinear.from_linear(lin, method=method, **kw)

@@ -30,8 +30,16 @@ def model_inputs(batch: dict) -> dict:
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on ``device`` (collation builds them on the CPU); other entries as they are."""
+    if all(not isinstance(v, torch.Tensor) or v.device == device for v in batch.values()):
+        return batch
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def loss_sum(model: nn.Module, batch: dict, impl: str = "chunked") -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over supervised tokens, and their count."""
+    batch = to_device(batch, model.get_input_embeddings().weight.device)
     hidden = model.base_model(**model_inputs(batch)).last_hidden_state  # (B, T, H)
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)

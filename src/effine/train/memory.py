@@ -85,6 +85,7 @@ from torch import nn
 
 from effine.config import Config
 from effine.errors import ConfigError
+from effine.quant.swap import check_quant_settings
 
 __all__ = [
     "GPU_SIZES",
@@ -368,7 +369,7 @@ def _build_inventory(config, cfg: Config) -> _Inventory:
     from transformers import AutoModelForCausalLM
 
     from effine.adapters.lora import resolve_targets
-    from effine.quant.swap import default_filter
+    from effine.quant.swap import skip_filter
 
     tlog = logging.getLogger("transformers")
     old = tlog.level
@@ -409,7 +410,8 @@ def _build_inventory(config, cfg: Config) -> _Inventory:
     head = model.get_output_embeddings()
     quant_names = []
     if cfg.quant.method != "none":
-        quant_names = [l.name for l in linears if default_filter(l.name)
+        keep = skip_filter(model, cfg.quant.skip_modules)
+        quant_names = [l.name for l in linears if keep(l.name, model.get_submodule(l.name))
                        and not any(l.name.startswith(p + ".") for p in mha) and model.get_submodule(l.name) is not head]
     lora_targets = resolve_targets(model, cfg.adapter.target_modules) if cfg.adapter.method == "lora" else []
     params = [(n, p.numel(), p.dim() >= 2) for n, p in model.named_parameters()]  # tied weights once
@@ -685,8 +687,7 @@ def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | N
     if gpu_gb is not None and device == "cpu":
         device = "cuda"
     device = "cuda" if str(device).startswith("cuda") or device == "gpu" else "cpu"
-    if cfg.quant.method != "none" and cfg.adapter.method == "full":
-        raise ConfigError("quant.method: a quantized base is frozen; use adapter.method=lora with it (QLoRA).")
+    check_quant_settings(cfg.quant, cfg.adapter.method)
     model_dir, ckpt_per_weight = None, None
     if model_config is None:
         model_config, model_dir, ckpt_per_weight = _model_config(cfg)

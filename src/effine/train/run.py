@@ -29,7 +29,7 @@ from effine.config import Config, save_config
 from effine.errors import ConfigError
 from effine.eval.evaluate import evaluate
 from effine.eval.generate import generate, prompt_from_example, prompt_ids_for, write_run_meta
-from effine.model.loader import cache_root, load_model, load_tokenizer, resolve_model_dir
+from effine.model.loader import cache_root, load_model, load_tokenizer, resolve_device, resolve_model_dir
 from effine.train.checkpoint import LoopState, latest_checkpoint, load_checkpoint
 from effine.train.metrics import MetricsLog, plot_losses
 from effine.train.optim import build_optimizer
@@ -59,19 +59,23 @@ def prepare_model(cfg: Config, model_dir: Path, log) -> torch.nn.Module:
     from effine.ops.attention import enable as enable_attention
     from effine.ops.attention import select_backend
 
-    model = load_model(model_dir, cfg.model.dtype, attn="sdpa", trust_remote_code=cfg.model.trust_remote_code)
+    from effine.quant import check_quant_settings
+
+    check_quant_settings(cfg.quant, cfg.adapter.method)
+    device = resolve_device(cfg.model.device)
+    model = load_model(model_dir, cfg.model.dtype, attn="sdpa", trust_remote_code=cfg.model.trust_remote_code,
+                       device=device)
     enable_attention(model, None if cfg.model.attn == "auto" else cfg.model.attn)
-    device = next(model.parameters()).device
+    log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     log(f"attention: effine backend '{select_backend(device, dtype=model.dtype)}' "
         f"(model.attn={cfg.model.attn}; packed rows keep attention within each document)")
     if cfg.quant.method != "none":
-        if cfg.adapter.method == "full":
-            raise ConfigError("quant.method: a quantized base is frozen; use adapter.method=lora with it (QLoRA).")
         from effine.quant import quantize_model
 
         n = quantize_model(model, cfg.quant.method, group_size=cfg.quant.group_size, blocksize=cfg.quant.blocksize,
-                           double_quant=cfg.quant.double_quant)
-        log(f"quantized {n} linear layers to {cfg.quant.method}")
+                           double_quant=cfg.quant.double_quant, skip_modules=cfg.quant.skip_modules)
+        kept = f" (kept in {cfg.model.dtype}: {', '.join(cfg.quant.skip_modules)})" if cfg.quant.skip_modules else ""
+        log(f"quantized {n} linear layers to {cfg.quant.method}{kept}")
         from effine.train.memory import release_free_heap
 
         release_free_heap()  # the freed bf16 weights' pages go back to the OS, not just to the heap
