@@ -54,12 +54,21 @@ def _train(root, model_dir, name, *extra):
 def test_cuda_run_matches_cpu_run(tmp_path, tiny_llama_dir):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    s_cpu, l_cpu = _train(tmp_path, tiny_llama_dir, "cpu", "model.device=cpu", "model.dtype=fp32")
-    s_gpu, l_gpu = _train(tmp_path, tiny_llama_dir, "gpu", "model.device=cuda", "model.dtype=fp32")
+    common = ("model.dtype=fp32", "train.lr=1e-3")
+    s_cpu, l_cpu = _train(tmp_path, tiny_llama_dir, "cpu", "model.device=cpu", *common)
+    s_gpu, l_gpu = _train(tmp_path, tiny_llama_dir, "gpu", "model.device=cuda", *common)
     assert len(l_cpu) == len(l_gpu) == 4
-    for a, b in zip(l_cpu, l_gpu):
-        assert abs(a - b) <= 1e-3 * abs(a), (l_cpu, l_gpu)
-    assert abs(s_cpu["eval_after"]["eval_loss"] - s_gpu["eval_after"]["eval_loss"]) <= 1e-3
+    # Step 1 (before any update) and the eval before training: the same forward, fp32 kernel differences only.
+    assert abs(l_cpu[0] - l_gpu[0]) <= 1e-5 * l_cpu[0], (l_cpu, l_gpu)
+    before = s_cpu["eval_before"]["eval_loss"], s_gpu["eval_before"]["eval_loss"]
+    assert abs(before[0] - before[1]) <= 1e-5 * before[0], before
+    # Later steps: AdamW's first update is nearly sign(g) * lr, so gradient entries within rounding of 0 can step
+    # either way on the two devices; with lr 1e-3 that moves the loss by well under 0.2%.
+    for a, b in zip(l_cpu[1:], l_gpu[1:]):
+        assert abs(a - b) <= 2e-3 * a, (l_cpu, l_gpu)
+    after = s_cpu["eval_after"]["eval_loss"], s_gpu["eval_after"]["eval_loss"]
+    assert abs(after[0] - after[1]) <= 2e-3 * after[0], after
+    assert l_gpu[-1] < l_gpu[0]
     assert "device: cuda" in (tmp_path / "gpu" / "train.log").read_text()
     assert (tmp_path / "gpu" / "adapter" / "adapter_model.safetensors").is_file()
 

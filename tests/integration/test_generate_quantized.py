@@ -32,7 +32,8 @@ def _train(root, model_dir, name: str, *extra: str):
     overrides = [f"model.name={model_dir}", f"data.path={data}", "data.max_length=48", "data.eval_fraction=0.2",
                  f"output.dir={root}/{name}", "adapter.r=4", "adapter.alpha=8", "train.lr=2e-2",
                  "train.batch_size=4", "train.max_steps=3", "train.warmup_steps=0", "eval.max_new_tokens=2",
-                 "eval.prompts_from_eval=0", "eval.max_batches=1", "train.threads=1", *extra]
+                 "eval.prompts_from_eval=0", "eval.max_batches=1", "train.threads=1", "model.device=cpu",
+                 *extra]
     captured = {}
     original = run_mod.save_outputs
 

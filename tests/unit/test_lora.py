@@ -250,3 +250,39 @@ def test_count_parameters_counts_quantized_weights_logically() -> None:
     for m in (dense, quant):
         inject_lora(m, AdapterConfig(r=4, alpha=8, target_modules=["0", "1"]), dtype=torch.float32)
     assert count_parameters(quant) == count_parameters(dense) == (4 * (64 + 32) * 2, 64 * 32 * 2 + 4 * (64 + 32) * 2)
+
+
+@pytest.mark.parametrize("method", ["nf4", "int4", "int8"])
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_fused_path_on_quantized_base_equals_dense_dequantized(method, device) -> None:
+    """QLoRA takes the same one-node path: on a QuantLinear base the output and the x/A/B gradients equal LoRA on
+    an nn.Linear holding the dequantized weight (fp32, float reassociation only), and W is never saved."""
+    from effine.quant import QuantLinear
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 48, bias=True).to(device)
+    q = QuantLinear.from_linear(dense, method=method, group_size=32)
+    ref_base = nn.Linear(64, 48, bias=True).to(device).requires_grad_(False)
+    with torch.no_grad():
+        ref_base.weight.copy_(q.dequantize())
+        ref_base.bias.copy_(q.bias)
+    m, ref = LoRALinear(q, r=4, alpha=8), LoRALinear(ref_base, r=4, alpha=8)
+    with torch.no_grad():
+        m.lora_B.weight.normal_()
+    ref.load_state_dict(m.state_dict(), strict=False)
+    x = torch.randn(2, 5, 64, device=device)
+
+    def run(mod):
+        xx = x.clone().requires_grad_()
+        y = mod(xx)
+        node = y.grad_fn.next_functions[0][0]  # under the reshape back to (..., d)
+        saved = [tuple(t.shape) for t in node.saved_tensors if t is not None]
+        grads = torch.autograd.grad(y, (mod.lora_A.weight, mod.lora_B.weight, xx), torch.ones_like(y))
+        return (y, *grads), type(node).__name__, saved
+
+    (got, name, saved), (want, ref_name, ref_saved) = run(m), run(ref)
+    assert name == ref_name == "_LoRALinearFnBackward"
+    assert (48, 64) in ref_saved and (48, 64) not in saved  # the dense W is kept by reference; the quantized not
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

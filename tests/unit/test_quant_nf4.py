@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -218,3 +220,32 @@ def test_bnb_quantize_agrees(device, quant_type, double_quant):
         assert same >= 0.99  # bitsandbytes' CPU kernel is not exactly nearest; CUDA agrees fully in our checks
     else:
         assert torch.equal(bst.absmax, st.absmax)
+
+
+# ------------------------------------------------------------------------------------ the Triton kernel (CUDA)
+
+
+def _triton_ready() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not _triton_ready(), reason="needs Triton and CUDA (or TRITON_INTERPRET=1 on a CPU)")
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_dequantize_is_bit_identical(quant_type, double_quant, dtype, monkeypatch):
+    from effine.quant.nf4_triton import dequantize_4bit_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setenv("EFFINE_TRITON", "0")  # dequantize_nf4 below is the reference path
+    torch.manual_seed(5)
+    for shape, bs in (((256, 512), 64), ((33, 65), 64), ((64, 256), 128), ((3, 1001), 32)):
+        w = (torch.randn(shape) * 0.03).to(dtype).to(device)
+        st = quantize_nf4(w, blocksize=bs, double_quant=double_quant, quant_type=quant_type)
+        got = dequantize_4bit_triton(st, dtype)
+        assert got.dtype == dtype and got.shape == w.shape
+        assert torch.equal(got, dequantize_nf4(st, dtype)), (shape, bs)

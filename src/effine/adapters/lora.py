@@ -41,6 +41,7 @@ from torch import nn
 
 from effine.config import AdapterConfig
 from effine.errors import ConfigError
+from effine.quant.linear import QuantLinear
 from effine.quant.qat import FakeQuantLinear
 
 log = logging.getLogger(__name__)
@@ -95,12 +96,11 @@ class LoRALinear(nn.Module):
         if isinstance(self.base, FakeQuantLinear):
             return self._qat_forward(x)
         base = self.base
-        if (type(base) is nn.Linear and x.dtype == base.weight.dtype and not base.weight.requires_grad
-                and not (self.training and isinstance(self.dropout, nn.Dropout))):
-            # The common case (frozen dense base, no active dropout): one autograd node, see _LoRALinearFn.
-            y = _LoRALinearFn.apply(x.reshape(-1, self.in_features), base.weight, base.bias, self.lora_A.weight,
-                                    self.lora_B.weight, float(self.scale))
-            return y.view(*x.shape[:-1], self.out_features)
+        if not (self.training and isinstance(self.dropout, nn.Dropout)):
+            # The common cases (a frozen dense or quantized base, no active dropout): one autograd node.
+            fused = self._fused_forward(x)
+            if fused is not None:
+                return fused
         y = base(x)  # (…, d) in the base's compute dtype
         # Mixed precision: the adapter weights are the (fp32) master copy, but the update is computed in the
         # activation dtype. Casting A (r, k) and B (d, r) is cheap; casting x (…, k) to fp32 instead would make
@@ -110,6 +110,22 @@ class LoRALinear(nn.Module):
         b = self.lora_B.weight.to(x.dtype)
         h = nn.functional.linear(self.dropout(x), a)  # (…, r)
         return y + (nn.functional.linear(h, b) * self.scale).to(y.dtype)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """:class:`_LoRALinearFn` for a frozen ``nn.Linear`` or :class:`~effine.quant.QuantLinear` base whose
+        compute dtype is ``x``'s; None when the base is anything else (the caller takes the unfused path)."""
+        base, x2 = self.base, x.reshape(-1, self.in_features)
+        bias = base.bias
+        if bias is not None and bias.requires_grad:
+            return None
+        if type(base) is nn.Linear and x.dtype == base.weight.dtype and not base.weight.requires_grad:
+            y = _LoRALinearFn.apply(x2, base.weight, bias, self.lora_A.weight, self.lora_B.weight,
+                                    float(self.scale), None)
+        elif type(base) is QuantLinear and x.dtype == base.compute_dtype:
+            y = _LoRALinearFn.apply(x2, None, bias, self.lora_A.weight, self.lora_B.weight, float(self.scale), base)
+        else:
+            return None
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _qat_forward(self, x: torch.Tensor) -> torch.Tensor:
         """QAT + LoRA: ``y = x fq(W + s·B A)^T + b`` with the base's fake quantization and straight-through gradient.
@@ -172,8 +188,9 @@ class LoRALinear(nn.Module):
 
 
 class _LoRALinearFn(torch.autograd.Function):
-    """``y = x W^T + b + s (x A^T) B^T`` for a frozen dense W, as one autograd node (the math of
-    :meth:`LoRALinear.forward`, fewer passes over the activations).
+    """``y = x W^T + b + s (x A^T) B^T`` for a frozen W, as one autograd node (the math of
+    :meth:`LoRALinear.forward`, fewer passes over the activations). W is a dense weight, or (``qbase``, QLoRA)
+    a :class:`~effine.quant.QuantLinear` dequantized in forward and again in backward, never saved.
 
     x (N, k) and W (d, k) in the compute dtype; A (r, k) and B (d, r) are the fp32 master weights, used as
     ``a = A`` and ``bs = s·B`` cast to the compute dtype. Forward: ``y = x W^T + b`` then ``y += h bs^T`` with
@@ -184,25 +201,28 @@ class _LoRALinearFn(torch.autograd.Function):
         dL/dA = gb^T x              (r, k)     dL/dB = s g^T h    (d, r)      (returned in fp32)
 
     Saved for backward: x (shared with the layer's other consumers), h, and the small cast copies of A and B —
-    the same tensors the unfused graph keeps.
+    the same tensors the unfused graph keeps (a dense W is saved by reference; a quantized one is not saved).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, qbase):
         a = lora_a.to(x.dtype)  # (r, k)
         bs = (lora_b * scale).to(x.dtype)  # (d, r)
-        y = nn.functional.linear(x, weight, bias)  # (N, d)
+        w = weight if qbase is None else qbase.dequantize()  # a dequantized W is freed when forward returns
+        y = nn.functional.linear(x, w, bias)  # (N, d)
         h = x @ a.t()  # (N, r)
         y.addmm_(h, bs.t())
         ctx.save_for_backward(x, weight, h, a, bs)
-        ctx.scale = scale
+        ctx.scale, ctx.qbase = scale, qbase
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, weight, h, a, bs = ctx.saved_tensors
-        need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        if ctx.qbase is not None:
+            weight = ctx.qbase.dequantize()  # the same values as in forward: the quantized buffers are frozen
+        need_x, _, need_bias, need_a, need_b, _, _ = ctx.needs_input_grad
         gb = g @ bs  # (N, r)
         grad_x = grad_bias = grad_a = grad_b = None
         if need_x:
@@ -214,7 +234,7 @@ class _LoRALinearFn(torch.autograd.Function):
             grad_a = (gb.t() @ x).float()
         if need_b:
             grad_b = (g.t() @ h).float().mul_(ctx.scale)
-        return grad_x, None, grad_bias, grad_a, grad_b, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None
 
 
 def _qat_dropout_error(p: float) -> ConfigError:

@@ -318,6 +318,12 @@ def dequantize_nf4(state: QuantState4bit, dtype: Optional[torch.dtype] = None) -
     The values are then multiplied by their block's absmax in float32 (as bitsandbytes does) and cast once.
     """
     dtype = dtype or state.dtype
+    if state.packed.is_cuda:  # one Triton kernel, bit-identical (effine.quant.nf4_triton); None: not available
+        from effine.quant.nf4_triton import try_dequantize
+
+        fast = try_dequantize(state, dtype)
+        if fast is not None:
+            return fast
     n = state.numel
     table = _tables(state.quant_type, state.packed.device)["pair_table64"]
     vals = table.index_select(0, state.packed.reshape(-1).to(torch.int32)).view(torch.float32)  # (2 * n_bytes,)
