@@ -146,6 +146,12 @@ def _code(quant_type: str) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
+def _map8_on(device: torch.device) -> torch.Tensor:
+    """The dynamic 8-bit map on ``device``, copied once: a host-to-device copy per call would stall the GPU queue."""
+    return _dynamic_map_cached().to(device)
+
+
+@functools.lru_cache(maxsize=None)
 def _tables(quant_type: str, device: torch.device) -> dict[str, torch.Tensor]:
     """Per-device constants: thresholds for quantizing and the byte -> (first, second) value table."""
     code = _code(quant_type)
@@ -159,6 +165,7 @@ def _tables(quant_type: str, device: torch.device) -> dict[str, torch.Tensor]:
     # (256, 2) float32: byte b -> (code[b >> 4], code[b & 15]) = (first element, second element).
     out["pair_table"] = torch.stack((code[idx >> 4], code[idx & 15]), dim=1)
     out["pair_table64"] = out["pair_table"].contiguous().view(torch.int64).reshape(256)  # same bytes, one row each
+    out["code"] = code.float()
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -244,7 +251,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) 
     flat = x.reshape(-1).float()
     absmax, scaled = _scale_blocks(_blocks(flat, blocksize))
     v = scaled.reshape(-1)[: flat.numel()]
-    code = _dynamic_map_cached().to(x.device)
+    code = _map8_on(x.device)
     mids = (code[:-1] + code[1:]) / 2  # (255,) float32, computed like the kernel: (a + b) * 0.5 in float32
     q = torch.bucketize(v, mids)  # nearest code; a value equal to a midpoint gets the lower index here, ...
     # ... but bitsandbytes' kernel (a 7-step binary search from index 127) settles ties on the even index.
@@ -255,7 +262,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) 
 
 def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise_8bit`: float32 ``code8[q] * absmax[i // blocksize]``, shape ``(n,)``."""
-    code = _dynamic_map_cached().to(q.device)
+    code = _map8_on(q.device)
     n = q.numel()
     vals = _blocks(code[q.reshape(-1).long()], blocksize) * absmax.unsqueeze(1)
     return vals.reshape(-1)[:n]

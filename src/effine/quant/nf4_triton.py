@@ -70,16 +70,16 @@ def _kernel():
 
 def dequantize_4bit_triton(state, dtype: torch.dtype) -> torch.Tensor:
     """``dequantize_nf4(state, dtype)`` in one Triton kernel (CUDA tensors; CPU under ``TRITON_INTERPRET=1``)."""
-    from effine.quant.nf4 import _code, _dynamic_map_cached
+    from effine.quant.nf4 import _map8_on, _tables
 
     import triton
 
     dev = state.packed.device
     n, n_bytes = state.numel, state.packed.numel()
     out = torch.empty(n, dtype=dtype, device=dev)
-    code4 = _code(state.quant_type).to(dev, torch.float32)
+    code4 = _tables(state.quant_type, dev)["code"]  # device copies made once (no host-to-device copy per call)
     double = state.double_quant
-    code8 = _dynamic_map_cached().to(dev, torch.float32) if double else code4
+    code8 = _map8_on(dev) if double else code4
     scale = state.absmax_scale if double else state.absmax
     offset = state.absmax_offset.reshape(1).float() if double else state.absmax
     grid = (triton.cdiv(n_bytes, _BYTES),)
