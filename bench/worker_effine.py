@@ -39,6 +39,10 @@ def main() -> None:
     ap.add_argument("--quant", default="none", help="effine quant.method for the frozen base (nf4 = QLoRA)")
     args = ap.parse_args()
     t_spawn = args.t_spawn or T_START
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from effine.train import allocator
+
+    allocator.ensure()  # as `effine train` does: re-executes under jemalloc when one is found (EFFINE_ALLOCATOR)
 
     import torch
 
@@ -167,7 +171,7 @@ def main() -> None:
                 "ru_maxrss": maxrss_bytes(), "trace": sampler.samples},
         "loadavg": {"start": load0, "end": loadavg()},
         "model": shape, "trainable": n_trainable,
-        "settings": {"dtype": ("bf16 base" if args.quant == "none" else f"{args.quant} base (effine QuantLinear, "
+        "settings": {"allocator": allocator.describe(), "dtype": ("bf16 base" if args.quant == "none" else f"{args.quant} base (effine QuantLinear, "
                                "bf16 compute)") + ", fp32 LoRA (compute: bf16 base matmuls, fp32 adapter matmuls)",
                      "attention": f"{model.config._attn_implementation} (effine backend {args.attn})",
                      "optimizer": f"torch.optim.AdamW foreach, lr {cfg.train.lr}, constant, wd {cfg.train.weight_decay}",

@@ -198,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if argv is None and args.func is cmd_train:  # a real `effine train` process (not an in-process call)
+            from effine.train.allocator import ensure
+
+            ensure()  # may re-execute this process under jemalloc (see effine.train.allocator)
         return args.func(args)
     except EffineError as e:
         print(f"effine: error: {e}", file=sys.stderr)

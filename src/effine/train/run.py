@@ -149,6 +149,9 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     torch.manual_seed(cfg.train.seed)
     log(f"effine: run dir {run_dir} | torch {torch.__version__} | {platform.machine()} | "
         f"{torch.get_num_threads()} threads")
+    from effine.train.allocator import describe as allocator_line
+
+    log(allocator_line())
 
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.cache_dir, cfg.model.revision)

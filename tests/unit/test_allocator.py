@@ -1,0 +1,76 @@
+"""effine.train.allocator: finding jemalloc, the switches, and the re-execution of a process under it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from effine.errors import ConfigError
+from effine.train import allocator as A
+
+PROBE = ("import sys; from effine.train.allocator import ensure, loaded; ensure(); "
+         "print('LOADED', loaded()); print('ARGV', sys.argv[1:])")
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    for var in (A.MODE_VAR, A.LIB_VAR, A.REEXEC_VAR, "MALLOC_CONF"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("EFFINE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(A, "SYSTEM_DIRS", ())
+    return tmp_path
+
+
+def test_find_order(clean_env, monkeypatch):
+    assert A.find_jemalloc() is None
+    cached = clean_env / "cache" / "lib" / A.LIB_NAME
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    assert A.find_jemalloc() == cached
+    explicit = clean_env / "mine.so"
+    explicit.write_bytes(b"")
+    monkeypatch.setenv(A.LIB_VAR, str(explicit))
+    assert A.find_jemalloc() == explicit
+    monkeypatch.setenv(A.LIB_VAR, str(clean_env / "missing.so"))  # an explicit path that does not exist finds nothing
+    assert A.find_jemalloc() is None
+
+
+def test_switches_without_exec(clean_env, monkeypatch):
+    monkeypatch.setenv(A.MODE_VAR, "tcmalloc")
+    with pytest.raises(ConfigError, match="EFFINE_ALLOCATOR='tcmalloc': use auto, jemalloc or system"):
+        A.ensure()
+    monkeypatch.setenv(A.MODE_VAR, "jemalloc")
+    with pytest.raises(ConfigError, match="no libjemalloc.so.2 was found.*--fetch"):
+        A.ensure()
+    monkeypatch.setenv(A.MODE_VAR, "auto")
+    A.ensure()  # nothing found: returns, this process goes on with glibc
+    assert "glibc malloc (no jemalloc found" in A.describe()
+    monkeypatch.setenv(A.MODE_VAR, "system")
+    A.ensure()
+    assert A.describe() == f"allocator: glibc malloc ({A.MODE_VAR}=system)"
+
+
+def _probe(env: dict) -> tuple[str, str]:
+    out = subprocess.run([sys.executable, "-c", PROBE, "--flag", "x y"], env=env, capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    lines = dict(line.split(" ", 1) for line in out.splitlines())
+    return lines["LOADED"], lines["ARGV"]
+
+
+@pytest.mark.skipif(A.find_jemalloc() is None, reason="no jemalloc on this machine (`make setup` fetches one)")
+def test_reexec_under_jemalloc_keeps_argv():
+    env = {k: v for k, v in os.environ.items() if k not in (A.MODE_VAR, A.REEXEC_VAR, "MALLOC_CONF", "LD_PRELOAD")}
+    loaded, argv = _probe(env)
+    assert "libjemalloc" in loaded
+    assert argv == "['--flag', 'x y']"
+    loaded, _ = _probe({**env, A.MODE_VAR: "system"})
+    assert loaded == "None"
+
+
+def test_fetch_without_apt_says_so(clean_env, monkeypatch, capsys):
+    monkeypatch.setattr(A.shutil, "which", lambda name: None)
+    assert A.fetch(clean_env / "lib") is None
+    assert "no apt-get/dpkg here" in capsys.readouterr().out
