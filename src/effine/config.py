@@ -48,6 +48,9 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% slower.")
     fused_ops: bool = _f(True, "Swap RMSNorm and gated-MLP modules for fused ones that keep less for backward "
                          "(same math and state dict; EFFINE_FUSED=0 forces the reference path).")
+    recompute_norm_outputs: bool = _f(True, "With fused_ops: recompute each norm's output in backward for the "
+                                      "projections that read it (q/k/v, gate/up) instead of keeping it: ~10-16% "
+                                      "less activation memory on CPU for ~2-4% tokens/s (bench/results/README.md).")
 
 
 @dataclass

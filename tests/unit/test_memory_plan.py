@@ -112,7 +112,8 @@ def _saved_bytes(model, batch) -> int:
 
 @pytest.mark.parametrize("arch,fused,tol", [("llama", False, 0.02), ("llama", True, 0.02), ("gemma3", False, 0.02),
                                             ("gemma3", True, 0.02), ("gemma2", False, 0.02), ("phi", False, 0.05),
-                                            ("falcon", False, 0.05)])
+                                            ("falcon", False, 0.05), ("llama", "no-norm-recompute", 0.02),
+                                            ("gemma3", "no-norm-recompute", 0.02)])
 def test_activation_formula_matches_saved_tensors(arch, fused, tol):
     """The per-layer formula against what autograd really keeps (LoRA, bf16 base, fp32 adapters)."""
     from effine.ops.swap import fuse_model
@@ -122,13 +123,15 @@ def test_activation_formula_matches_saved_tensors(arch, fused, tol):
     if arch.startswith("gemma"):
         kw["head_dim"] = 64
     kw["ffn_hidden_size" if arch == "falcon" else "intermediate_size"] = 512
-    cfg = _cfg(B, T, model__dtype="bf16")
+    norms = fused != "no-norm-recompute"
+    cfg = _cfg(B, T, model__dtype="bf16", model__recompute_norm_outputs=norms)
+    fused = bool(fused)
     model = tiny_model(arch, dtype=torch.bfloat16, attn="eager", **kw)
     if arch != "falcon":
         enable(model, None)
     inject_lora(model, cfg.adapter, dtype=torch.float32)
     if fused:
-        fuse_model(model)
+        fuse_model(model, recompute_norms=norms)
     model.train()
     ids = torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(0))
     real = _saved_bytes(model, {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(T).expand(B, T)})

@@ -359,6 +359,39 @@ def _saved_bytes(model, ids) -> int:
     return saved_for_backward_bytes(model, lambda: model(ids))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_norm_output_recompute_exact_and_saves_what_it_should(arch):
+    """fuse_model(recompute=True) against recompute=False: bit-identical logits and LoRA gradients (bf16), and
+    autograd keeps exactly the normalised inputs of q/k/v and gate/up (H per token, twice per layer, minus layer
+    0's attention input whose norm reads the frozen embedding) plus the MLP product (I per token and layer) less.
+    Also true under non-reentrant checkpointing, and unfuse_model removes the hooks."""
+    from effine.ops.swap import unfuse_model
+
+    B, T = 2, 40
+    ids = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for recompute in (False, True):
+        model = _perturb_norms(tiny_model(arch, dtype=torch.bfloat16))
+        enable(model)
+        fuse_model(model, recompute=recompute)
+        _lora(model)
+        out[recompute] = (_logits_and_grads(model, ids), _saved_bytes(model, ids), model)
+    (logits0, grads0), saved0, _ = out[False]
+    (logits1, grads1), saved1, model = out[True]
+    assert torch.equal(logits0, logits1)
+    assert all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+    c = model.config
+    L, H, I = c.num_hidden_layers, c.hidden_size, c.intermediate_size
+    assert saved0 - saved1 == B * T * 2 * ((2 * L - 1) * H + L * I), (saved0, saved1)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    _, grads_ckpt = _logits_and_grads(model, ids)
+    for a, b in zip(grads_ckpt, grads1):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    unfuse_model(model)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
 def test_fusion_cuts_saved_activations_by_30_percent(monkeypatch):
     """Tiny bf16 Llama, fp32 LoRA on every projection, effine (SDPA) attention: per layer the norms keep bf16 x
     instead of fp32 x, the MLP keeps gate and up instead of gate, act(gate), up and their product."""

@@ -246,12 +246,13 @@ def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str = "silu", *, fused:
 
 
 class _Recompute:
-    """What the pack hook stores in place of the tensor: the (outer-packed) inputs and the saved view's geometry."""
+    """What the pack hook stores in place of the tensor: the (outer-packed) inputs, the saved view's geometry and
+    the block's shared state (how many markers are still to be unpacked, the recomputed tensor meanwhile)."""
 
-    __slots__ = ("inputs", "size", "stride", "offset")
+    __slots__ = ("inputs", "size", "stride", "offset", "state")
 
-    def __init__(self, inputs: tuple, size: torch.Size, stride: tuple[int, ...], offset: int) -> None:
-        self.inputs, self.size, self.stride, self.offset = inputs, size, stride, offset
+    def __init__(self, inputs: tuple, size: torch.Size, stride: tuple[int, ...], offset: int, state: dict) -> None:
+        self.inputs, self.size, self.stride, self.offset, self.state = inputs, size, stride, offset, state
 
 
 def _outer_hooks() -> tuple[Callable, Callable] | None | bool:
@@ -269,21 +270,32 @@ def _hooks(key: int, dtype: torch.dtype, device: torch.device, fn: Callable, inp
            outer: tuple[Callable, Callable] | None) -> tuple[Callable, Callable, dict]:
     # Deliberately captures no reference to the tensor itself: the hooks live as long as the saved variables do.
     outer_pack, outer_unpack = outer if outer else (None, None)
-    state = {"inputs": inputs}  # packed once, shared by every saved reference; dropped when the block ends
+    state: dict = {"inputs": inputs, "refs": 0}  # "inputs" is dropped when the block ends; markers hold their own
 
     def pack(x: torch.Tensor):
         if x.dtype == dtype and x.device == device and x.untyped_storage().data_ptr() == key:
-            if state.get("packed") is None:
-                ins = state["inputs"]
-                state["packed"] = tuple(outer_pack(i) for i in ins) if outer_pack else ins
-            return _Recompute(state["packed"], x.size(), x.stride(), x.storage_offset())
+            ins = state["inputs"]
+            # Packed once per saved reference: an outer hook (torch.utils.checkpoint's) may unpack each only once.
+            packed = tuple(outer_pack(i) for i in ins) if outer_pack else ins
+            state["refs"] += 1
+            return _Recompute(packed, x.size(), x.stride(), x.storage_offset(), state)
         return outer_pack(x) if outer_pack else x
 
     def unpack(obj):
         if isinstance(obj, _Recompute):
-            ins = [outer_unpack(i) for i in obj.inputs] if outer_unpack else obj.inputs
-            with torch.no_grad():
-                full = fn(*ins)
+            st = obj.state
+            full = st.get("full")
+            if full is None:
+                ins = [outer_unpack(i) for i in obj.inputs] if outer_unpack else obj.inputs
+                with torch.no_grad():
+                    full = fn(*ins)
+            # Several saved references (q, k and v read one normalised input) share one recomputation: keep it
+            # until the last of them has been unpacked.
+            st["refs"] -= 1
+            if st["refs"] > 0:
+                st["full"] = full
+            else:
+                st.pop("full", None)
             return full.as_strided(obj.size, obj.stride, obj.offset)
         return outer_unpack(obj) if outer_unpack else obj
 
@@ -309,4 +321,4 @@ def recompute_saved(t: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: t
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield
     finally:
-        state.clear()  # the markers hold what backward needs; the hooks' closure keeps nothing alive
+        state.pop("inputs", None)  # the markers hold what backward needs; the hooks' closure keeps nothing alive

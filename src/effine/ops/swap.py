@@ -18,6 +18,14 @@ is and counted. Phi (fc1/fc2, LayerNorm) and Falcon have neither module and are 
 act(gate) * up for backward: it is recomputed from gate and up, which the fused activation keeps anyway
 (:func:`effine.ops.fused.recompute_saved`). With LoRA on ``down_proj`` that is another m values per token.
 
+The same holds for each norm's *output* (``recompute=True``): the attention block's q/k/v projections and the
+MLP's gate/up projections read the normalised hidden state, and a LoRA (or trainable) projection keeps it for its
+weight gradient, although the norm already keeps its input. The fused RMSNorm records its output; a forward
+pre-hook on the other children of the same decoder layer (attention, MLP) finds that output among the child's
+inputs and runs the child under :func:`recompute_saved`, so autograd keeps the norm's input (already kept) and
+recomputes the normalised value, bit-identically, when backward reaches the projections. Another H values per
+token, twice per layer (SmolLM2-135M: 2 x 576 x 2 bytes of ~29 KB per token and layer).
+
     counts = fuse_model(model)     # {'rms_norm': 61, 'gated_mlp': 30, 'unsupported_act': 0}
     unfuse_model(model)            # the original transformers modules back (e.g. before handing the model on)
 """
@@ -25,6 +33,8 @@ act(gate) * up for backward: it is recomputed from gate and up, which the fused 
 from __future__ import annotations
 
 import functools
+import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -74,10 +84,57 @@ class RMSNorm(nn.Module):
         return self.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, self.offset, cast_before_weight=self.cast_before_weight)
+        y = rms_norm(x, self.weight, self.eps, self.offset, cast_before_weight=self.cast_before_weight)
+        if getattr(self, "recompute_output", False) and y.requires_grad and fused_enabled():
+            fn = functools.partial(rms_norm, eps=self.eps, offset=self.offset,
+                                   cast_before_weight=self.cast_before_weight)
+            _remember_output(y, fn, (x, self.weight))
+        return y
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset:g}"
+
+
+# id(output) -> (weak reference to the output, how to recompute it, from what). An entry dies with its output.
+_NORM_OUTPUTS: dict[int, tuple[weakref.ref, Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]] = {}
+
+
+def _remember_output(y: torch.Tensor, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> None:
+    key = id(y)
+    _NORM_OUTPUTS[key] = (weakref.ref(y, lambda _ref, k=key: _NORM_OUTPUTS.pop(k, None)), fn, inputs)
+
+
+def _enter_recompute(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: when the module's hidden-state input is a remembered norm output, run the module under
+    :func:`recompute_saved` for it (the post-hook leaves the context)."""
+    t = args[0] if args else kwargs.get("hidden_states")
+    entry = _NORM_OUTPUTS.get(id(t)) if isinstance(t, torch.Tensor) else None
+    cm = None
+    if entry is not None and entry[0]() is t:
+        cm = recompute_saved(t, entry[1], *entry[2])
+        cm.__enter__()
+    module.__dict__.setdefault("_effine_recompute", []).append(cm)
+
+
+def _exit_recompute(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    stack = module.__dict__.get("_effine_recompute")
+    cm = stack.pop() if stack else None
+    if cm is not None:
+        cm.__exit__(None, None, None)
+
+
+def _hook_norm_consumers(layer: nn.Module) -> int:
+    """Hook the children of ``layer`` that may read one of its fused norms' outputs; returns how many."""
+    if getattr(layer, "_effine_norm_hooks", None):
+        return 0
+    handles = []
+    for child in layer.children():
+        if isinstance(child, RMSNorm) or not any(True for _ in child.parameters()):
+            continue
+        handles.append(child.register_forward_pre_hook(_enter_recompute, with_kwargs=True))
+        handles.append(child.register_forward_hook(_exit_recompute, with_kwargs=True, always_call=True))
+    object.__setattr__(layer, "_effine_norm_hooks", handles)
+    return len(handles) // 2
 
 
 class GatedMLP(nn.Module):
@@ -157,16 +214,19 @@ def _detach(orig: nn.Module, names: tuple[str, ...]) -> nn.Module:
     return orig
 
 
-def fuse_model(model: nn.Module, recompute: bool = True) -> dict[str, int]:
+def fuse_model(model: nn.Module, recompute: bool = True, recompute_norms: bool | None = None) -> dict[str, int]:
     """Replace every supported RMSNorm and gated MLP in ``model`` with the fused modules; returns counts.
 
     ``recompute``: the MLPs recompute the down projection's input in backward instead of letting a LoRA (or
-    trainable) ``down_proj`` keep it (see :func:`effine.ops.fused.recompute_saved`).
+    trainable) ``down_proj`` keep it (see :func:`effine.ops.fused.recompute_saved`). ``recompute_norms`` (default:
+    ``recompute``; config ``model.recompute_norm_outputs``): the decoder layers' norm outputs are recomputed for
+    the projections that read them (see the module docstring).
 
     ``{'rms_norm': swapped norms, 'gated_mlp': swapped MLPs, 'unsupported_act': MLPs left alone because their
     activation has no fused kernel}``. Idempotent: already-fused modules are not counted again.
     """
     counts = {"rms_norm": 0, "gated_mlp": 0, "unsupported_act": 0}
+    norm_parents: dict[int, nn.Module] = {}
     for parent, name, child in _named(model):
         spec = _norm_spec(child)
         if spec is not None:
@@ -175,6 +235,9 @@ def fuse_model(model: nn.Module, recompute: bool = True) -> dict[str, int]:
             fused.train(child.training)
             setattr(parent, name, fused)
             counts["rms_norm"] += 1
+            if (recompute if recompute_norms is None else recompute_norms) and parent is not model:
+                fused.recompute_output = True
+                norm_parents[id(parent)] = parent
         elif _is_gated_mlp(child):
             act = activation_name(child.act_fn)
             if act is None:
@@ -186,12 +249,19 @@ def fuse_model(model: nn.Module, recompute: bool = True) -> dict[str, int]:
             fused.train(child.training)
             setattr(parent, name, fused)
             counts["gated_mlp"] += 1
+    for parent in norm_parents.values():
+        _hook_norm_consumers(parent)
     return counts
 
 
 def unfuse_model(model: nn.Module) -> int:
     """Put the original transformers modules back (with the current weight / children); returns how many."""
     n = 0
+    for m in model.modules():
+        for h in getattr(m, "_effine_norm_hooks", None) or ():
+            h.remove()
+        if getattr(m, "_effine_norm_hooks", None) is not None:
+            object.__setattr__(m, "_effine_norm_hooks", None)
     for parent, name, child in _named(model):
         orig = getattr(child, "_original", None)
         if isinstance(child, RMSNorm) and orig is not None:

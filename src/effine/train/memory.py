@@ -35,6 +35,8 @@ activations  tensors autograd keeps for backward, per token and decoder layer (L
                MLP       gated: b*I*(f + 2), plain: b*I*f                   (activation input (f = 1 for fused
                          silu/gelu, 4 for the composite gelu_new/gelu_fast), activation output and up output)
 
+             With the fused ops, the inputs of q/k/v and gate/up (a fused norm's output) are recomputed from the
+             norm's input instead of kept (not layer 0's attention input under LoRA: nothing upstream needs it).
              Frozen base linears (dense or quantized) keep nothing: their weight needs no gradient. Full
              fine-tuning adds every linear's input (b*k, once per input group) and the norms' normalised output.
              The first layer's input norm keeps nothing under LoRA (the frozen embedding needs no gradient).
@@ -559,6 +561,10 @@ def _is_attn_out(l: _Linear, any_name: bool = False) -> bool:
     return _suffix(l.name) in names and ("attn" in parent or "attention" in parent)
 
 
+_ATTN_IN = ("q_proj", "k_proj", "v_proj")
+_NORM_READERS = (*_ATTN_IN, "gate_proj", "up_proj")
+
+
 def _layer_activation_bytes(inv: _Inventory, layer: int, cfg: Config, b: int, T: int, eager: bool,
                             first_layer_frozen_input: bool, fused: bool = False, tiled: bool = False
                             ) -> tuple[float, float]:
@@ -624,6 +630,12 @@ def _layer_activation_bytes(inv: _Inventory, layer: int, cfg: Config, b: int, T:
         if tiled and inv.effine_attention and _is_attn_out(g[0], any_name=True):
             shares_sdpa_output = True  # the tiled kernel writes its output in the projection's (B, T, H*D) layout
         recomputed = fused_mlp and _suffix(g[0].name) in ("down_proj",)
+        # a fused norm's output read by q/k/v or gate/up is recomputed from the norm's input (effine.ops.swap),
+        # except where the norm's input needs no gradient (layer 0's, after a frozen embedding)
+        if (fused and getattr(cfg.model, "recompute_norm_outputs", True) and any(n.fusable for n in hidden_norms)
+                and _suffix(g[0].name) in _NORM_READERS):
+            frozen_in = first_layer_frozen_input and not full and layer == 0 and _suffix(g[0].name) in _ATTN_IN
+            recomputed = recomputed or not frozen_in
         if not (shares_sdpa_output or recomputed):
             total += b * k  # the input itself, once for the group (frozen base linears keep nothing)
     # attention core

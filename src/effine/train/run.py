@@ -99,7 +99,7 @@ def prepare_model(cfg: Config, model_dir: Path, log) -> torch.nn.Module:
     if cfg.model.fused_ops:
         from effine.ops.swap import fuse_model
 
-        counts = fuse_model(model)
+        counts = fuse_model(model, recompute_norms=cfg.model.recompute_norm_outputs)
         log(f"fused ops: {counts['rms_norm']} RMSNorm, {counts['gated_mlp']} gated MLP modules"
             + (f" ({counts['unsupported_act']} MLPs with an unsupported activation left as they are)"
                if counts["unsupported_act"] else ""))
