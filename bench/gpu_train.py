@@ -12,6 +12,7 @@ Variants:
   effine-lora      effine LoRA (fp32 adapters), effine attention (SDPA / flash-attn), chunked loss (no full logits)
   peft-lora        peft.get_peft_model + model(input_ids, labels=...).loss: transformers' own loss on full logits
   effine-qlora     base linears stored NF4 (effine.quant.QuantLinear, double quant) + effine LoRA
+  peft-qlora       bitsandbytes Linear4bit (NF4, double quant, bf16 compute) + PEFT LoRA: the usual QLoRA stack
   effine-*-ckpt    the same with gradient checkpointing (transformers' per-layer, non-reentrant)
 
 effine variants also swap in effine's fused RMSNorm / gated MLP, as `effine train` does by default.
@@ -50,6 +51,30 @@ def build(name: str, device: str, tiny: bool):
     return model
 
 
+def _to_bnb_nf4(model, device: str) -> None:
+    """The QLoRA baseline: every decoder-layer linear as a bitsandbytes Linear4bit (NF4, double quant, blocksize
+    64, bf16 compute), what BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16) builds when loading a checkpoint."""
+    import bitsandbytes as bnb
+
+    for parent in list(model.model.layers.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                  device="cpu")
+            q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4", blocksize=64)
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(child.bias.data.to("cpu"), requires_grad=False)
+            setattr(parent, name, q.to(device))  # quantized on the move to the device
+            del child
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def batch_for(cfg, bsz: int, seq: int, device: str) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (bsz, seq), generator=g)
@@ -64,9 +89,11 @@ def batch_for(cfg, bsz: int, seq: int, device: str) -> dict:
 def run_variant(variant: str, name: str, args, device: str) -> dict:
     model = build(name, device, args.tiny)
     batch = batch_for(model.config, args.batch, args.seq, device)
-    if variant == "peft-lora":
+    if variant in ("peft-lora", "peft-qlora"):
         from peft import LoraConfig, get_peft_model
 
+        if variant == "peft-qlora":
+            _to_bnb_nf4(model, device)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0))
 
         def step():
