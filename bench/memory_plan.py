@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 MODELS = ("smollm2-135m-instruct", "gemma3-270m")
 METHODS = ("lora", "nf4")
 SHAPES = ("4x512", "8x256")
-LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "EFFINE_ALLOCATOR": "system"}  # glibc, every tensor its own mmap
 
 
 def make_config(model: str, method: str, shape: str, ckpt: bool):

@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     ap.add_argument("--qset", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for the quantized run only (e.g. quant.blocksize=32)")
     ap.add_argument("--out", default=str(HERE / "results"), help="directory for qlora_vs_lora.{md,json}")
+    ap.add_argument("--reuse-lora", action="store_true",
+                    help="take the bf16 LoRA run from WORK/none if it finished with this config and step count "
+                         "(its config.yaml must match apart from output.*); only the QLoRA run is trained")
     args = ap.parse_args(argv)
 
     import torch
@@ -47,6 +50,17 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, [f"train.max_steps={args.steps}", f"quant.method={quant}",
                                         f"output.dir={args.work}/{quant}", "output.overwrite=true",
                                         "eval.prompts_from_eval=0"] + (args.qset if quant != "none" else []))
+        prev = Path(args.work) / quant
+        if quant == "none" and args.reuse_lora and (prev / "summary.json").is_file():
+            same = load_config(prev / "config.yaml").to_dict()
+            want = cfg.to_dict()
+            same.pop("output", None), want.pop("output", None)
+            if same == want:
+                print(f"reusing the finished bf16 LoRA run in {prev}")
+                res[name] = {k: json.loads((prev / "summary.json").read_text())[k]
+                             for k in ("steps", "train_seconds", "tokens_per_s", "supervised_per_s",
+                                       "final_train_loss", "eval_before", "eval_after")}
+                continue
         s = run_training(cfg)
         res[name] = {k: s[k] for k in ("steps", "train_seconds", "tokens_per_s", "supervised_per_s",
                                        "final_train_loss", "eval_before", "eval_after")}

@@ -195,9 +195,11 @@ def test_format_lists_every_component():
 
 
 @pytest.mark.slow
-def test_prediction_within_20_percent_of_measured_smollm2():
+@pytest.mark.parametrize("allocator", ["system", "auto"])  # glibc; jemalloc where one is found (as effine train)
+def test_prediction_within_20_percent_of_measured_smollm2(allocator, monkeypatch):
     from effine.train.measure import measure_peak
 
+    monkeypatch.setenv("EFFINE_ALLOCATOR", allocator)
     cfg = _cfg(2, 256, model__name="smollm2-135m-instruct", model__dtype="bf16")
     plan = plan_memory(cfg)
     measured = measure_peak(cfg, steps=2)

@@ -98,6 +98,14 @@ def ensure() -> None:
         return
 
 
+def will_use_jemalloc() -> bool:
+    """Whether a training process started now would run under jemalloc (what :func:`ensure` would do)."""
+    mode = os.environ.get(MODE_VAR, "auto").strip().lower()
+    if mode == "system" or not sys.platform.startswith("linux"):
+        return False
+    return bool(loaded()) or find_jemalloc() is not None
+
+
 def describe() -> str:
     """One line for the run log: which allocator this process runs with."""
     lib = loaded()

@@ -28,8 +28,8 @@ def _status_bytes(key: str) -> int:
 
 
 def release_free_heap() -> bool:
-    """Give the C heap's free pages back to the OS (glibc ``malloc_trim(0)``); True if it ran, False where there is
-    no glibc (other platforms keep their allocator's behaviour).
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim(0)``; under jemalloc a purge of all arenas);
+    True if it ran, False where neither is available (other platforms keep their allocator's behaviour).
 
     glibc keeps freed chunks mapped, so after a one-off phase that frees a lot — quantizing the bf16 base layer
     by layer — the process RSS stays at the dense size although the live bytes fell. Called once after such a
@@ -38,6 +38,15 @@ def release_free_heap() -> bool:
     import ctypes
     import ctypes.util
 
+    from effine.train.allocator import loaded
+
+    jemalloc = loaded()
+    if jemalloc:  # jemalloc as effine configures it never purges by itself: purge every arena once, now
+        try:
+            mallctl = ctypes.CDLL(jemalloc).mallctl
+            return mallctl(b"arena.4096.purge", None, None, None, 0) == 0  # 4096: MALLCTL_ARENAS_ALL
+        except (OSError, AttributeError):
+            return False
     try:
         trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
@@ -58,7 +67,11 @@ def reset_peak_rss() -> bool:
 
 
 def _measure_worker() -> None:
-    """Child process of :func:`measure_peak`: reads {"config": ..., "steps": ...} on stdin, prints one JSON line."""
+    """Child process of :func:`measure_peak`: reads {"config": ..., "steps": ...} on stdin, prints one JSON line.
+    Runs under the allocator `effine train` would use (:func:`effine.train.allocator.ensure`)."""
+    from effine.train.allocator import ensure
+
+    ensure()  # may re-execute this child under jemalloc; stdin is still unread
     import gc
     import resource
     import time

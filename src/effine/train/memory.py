@@ -59,7 +59,8 @@ runtime      CPU: the process before any model exists, measured with torch 2.13 
 allocator    CPU: glibc malloc keeps freed heap memory resident (tensors below its dynamic mmap threshold of up to
              32 MiB are carved from the heap and holes are not returned to the OS), so peak RSS exceeds the live
              peak. Calibrated on SmolLM2-135M and Gemma-3-270M (``bench/results/memory_plan.md``):
-             ``ALLOC_CPU_FACTOR`` x (activations + loss + workspace) + ``ALLOC_CPU_FIXED``.
+             ``ALLOC_CPU_FACTOR`` x (activations + loss + workspace) + ``ALLOC_CPU_FIXED``. Under jemalloc (what
+             ``effine train`` uses when it finds one, :mod:`effine.train.allocator`) ``ALLOC_CPU_FACTOR_JEMALLOC``.
              GPU: the caching allocator's fragmentation, assumed 10% of the transient part (not calibrated).
 
 Peak: the maximum over the phases "loss forward", "backward" and "optimizer step" of the live bytes; on CPU also
@@ -98,6 +99,7 @@ RUNTIME_CPU_IMPORT = 240 * MiB  # RSS after `import torch, transformers` (python
 RUNTIME_CPU_MODEL_CODE = 100 * MiB  # importing the model's modeling code, building it, first kernels
 RUNTIME_CUDA_CONTEXT = GiB // 2  # assumption: CUDA context + cuBLAS/cuDNN handles, outside torch's allocator
 ALLOC_CPU_FACTOR = 0.55  # glibc heap retention, as a share of the transient bytes (activations, loss, workspace)
+ALLOC_CPU_FACTOR_JEMALLOC = 0.30  # the same under jemalloc as `effine train` configures it (train/allocator.py)
 ALLOC_CPU_FIXED = 0  # bytes
 ALLOC_GPU_FACTOR = 0.10  # assumption: CUDA caching-allocator fragmentation on the transient bytes
 BWD_WORKSPACE_PER_I = 4  # backward of one layer: ~(BWD_WORKSPACE_PER_I * b) * I + 12 * H bytes per token
@@ -543,6 +545,14 @@ def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | N
         "optimizer step": dict(activations=0, loss=0, workspace=n_train * (4 if not full else b), gradients=grads),
     }
     alloc_factor, alloc_fixed = (ALLOC_CPU_FACTOR, ALLOC_CPU_FIXED) if device == "cpu" else (ALLOC_GPU_FACTOR, 0)
+    if device == "cpu":
+        from effine.train.allocator import will_use_jemalloc
+
+        if will_use_jemalloc():
+            alloc_factor = ALLOC_CPU_FACTOR_JEMALLOC
+            notes.append("allocator: jemalloc (effine train found one; EFFINE_ALLOCATOR=system plans for glibc)")
+        else:
+            notes.append("allocator: glibc malloc (no jemalloc found; with one the peak is lower)")
 
     def phase_total(p: dict) -> int:
         transient = p["activations"] + p["loss"] + p["workspace"]
