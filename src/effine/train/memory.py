@@ -99,7 +99,8 @@ RUNTIME_CPU_IMPORT = 240 * MiB  # RSS after `import torch, transformers` (python
 RUNTIME_CPU_MODEL_CODE = 100 * MiB  # importing the model's modeling code, building it, first kernels
 RUNTIME_CUDA_CONTEXT = GiB // 2  # assumption: CUDA context + cuBLAS/cuDNN handles, outside torch's allocator
 ALLOC_CPU_FACTOR = 0.55  # glibc heap retention, as a share of the transient bytes (activations, loss, workspace)
-ALLOC_CPU_FACTOR_JEMALLOC = 0.30  # the same under jemalloc as `effine train` configures it (train/allocator.py)
+ALLOC_CPU_FACTOR_JEMALLOC = 0.15  # the same under jemalloc as effine train configures it (train/allocator.py); fit:
+# 0.13-0.18 on SmolLM2-135M and Gemma-3-270M, LoRA and QLoRA, 4x512 (bench/results/memory_plan.md, jemalloc rows)
 ALLOC_CPU_FIXED = 0  # bytes
 ALLOC_GPU_FACTOR = 0.10  # assumption: CUDA caching-allocator fragmentation on the transient bytes
 BWD_WORKSPACE_PER_I = 4  # backward of one layer: ~(BWD_WORKSPACE_PER_I * b) * I + 12 * H bytes per token
