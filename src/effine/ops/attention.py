@@ -47,13 +47,16 @@ attention function (decoder layer -> attention module -> ``attention_interface(.
 where the position does not continue (``pos[t] != pos[t-1] + 1``), the same rule transformers uses for its own
 packed-sequence masks. The training loop may instead (or additionally) state the boundaries explicitly with
 ``with packed_sequences(cu_seqlens): model(...)``. Attention never crosses a document boundary on any backend.
+
+Files: the document-boundary helpers live in :mod:`effine.ops.attention_packing`, the eager and flash references
+in :mod:`effine.ops.attention_reference`, the tiled CPU kernel in :mod:`effine.ops.tiled_attention`; this module
+holds the backend choice, the dispatch and the transformers integration (all public names are importable here).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 import os
 import weakref
 from collections.abc import Iterator
@@ -61,6 +64,10 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from effine.ops.attention_packing import (_active_spec, _check_cu_seqlens, _doc_starts, _PackedSpec,  # noqa: F401
+                                          _starts_to_cu, cu_seqlens_from_position_ids, packed_sequences)
+from effine.ops.attention_reference import (_combine, _repeat_kv, _structural_mask, eager_attention,
+                                            flash_attention_reference)
 from effine.ops.tiled_attention import supports, tiled_attention
 
 __all__ = [
@@ -87,7 +94,6 @@ NAME = "effine"  # the name registered with transformers' AttentionInterface
 
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("effine_attn_backend", default=None)
 _DEFAULT: str | None = None
-_PACKED: contextvars.ContextVar[_PackedSpec | None] = contextvars.ContextVar("effine_packed", default=None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -175,275 +181,6 @@ def select_backend(
     if softcap is not None:
         return "eager"
     return "tiled" if device.type == "cpu" and not has_mask else "sdpa"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Packed documents
-
-
-def _check_cu_seqlens(cu: torch.Tensor) -> torch.Tensor:
-    if cu.dim() != 1 or cu.numel() < 2 or cu.dtype not in (torch.int32, torch.int64):
-        raise ValueError("cu_seqlens must be a 1-D int tensor [0, end_1, ..., total] with at least two entries")
-    if int(cu[0]) != 0 or bool((cu[1:] <= cu[:-1]).any()):
-        raise ValueError(f"cu_seqlens must start at 0 and strictly increase, got {cu.tolist()}")
-    return cu
-
-
-class _PackedSpec:
-    """Document boundaries given by the caller, resolved to cu_seqlens once the batch shape (B, T) is known."""
-
-    def __init__(self, spec):
-        if isinstance(spec, torch.Tensor) or (len(spec) and not isinstance(spec[0], (list, tuple))):
-            self.cu = _check_cu_seqlens(torch.as_tensor(spec))
-            self.lengths = None
-        else:
-            self.cu = None
-            self.lengths = [[int(n) for n in row] for row in spec]
-            if any(n <= 0 for row in self.lengths for n in row):
-                raise ValueError("packed_sequences: document lengths must be positive")
-        self._resolved: dict = {}
-
-    def resolve(self, batch: int, length: int) -> torch.Tensor:
-        """cu_seqlens (int32) over the flattened B*T tokens; a row's unlisted tail (padding) is one more segment."""
-        if (batch, length) in self._resolved:
-            return self._resolved[(batch, length)]
-        if self.cu is not None:
-            cu = self.cu
-            if int(cu[-1]) != batch * length:
-                raise ValueError(f"packed_sequences: cu_seqlens ends at {int(cu[-1])}, expected B*T = {batch * length}")
-            if not set(range(0, batch * length, length)) <= set(cu.tolist()):
-                raise ValueError("packed_sequences: every row start b*T must be a document boundary")
-        else:
-            if len(self.lengths) != batch:
-                raise ValueError(f"packed_sequences: {len(self.lengths)} rows of doc lengths for a batch of {batch}")
-            bounds = [0]
-            for b, row in enumerate(self.lengths):
-                if sum(row) > length:
-                    raise ValueError(f"packed_sequences: row {b} documents sum to {sum(row)} > T = {length}")
-                for n in row:
-                    bounds.append(bounds[-1] + n)
-                if bounds[-1] < (b + 1) * length:
-                    bounds.append((b + 1) * length)  # padding after the last document
-            cu = torch.tensor(bounds)
-        cu = cu.to(torch.int32)
-        self._resolved[(batch, length)] = cu
-        return cu
-
-
-@contextlib.contextmanager
-def packed_sequences(spec: torch.Tensor | list[int] | list[list[int]]) -> Iterator[None]:
-    """Declare document boundaries for the forward passes inside the block. Two accepted forms:
-
-    * per-row document lengths, ``[[len_0, len_1, ...], ...]`` (one list per row, as a collator produces them);
-      a row whose documents sum to less than T is right-padded and the padding becomes a segment of its own;
-    * ``cu_seqlens`` (n_docs + 1,), cumulative offsets over the *flattened* batch of B rows of T tokens
-      (flash-attn's varlen convention) ``[0, len_0, len_0 + len_1, ..., B * T]``; every row start ``b * T`` must
-      be one of them.
-
-    Takes precedence over boundaries derived from ``position_ids``. Gradient checkpointing is safe: layers
-    recomputed in backward (outside this block) reuse the boundaries that were in force for the same
-    ``position_ids`` tensor.
-    """
-    token = _PACKED.set(_PackedSpec(spec))
-    try:
-        yield
-    finally:
-        _PACKED.reset(token)
-
-
-# Gradient checkpointing recomputes layers during backward, i.e. after the ``with packed_sequences(...)`` block has
-# exited (and, on CUDA, in an autograd worker thread that does not see this context). A recomputed layer receives
-# the very same position_ids tensor object as the original forward, so we remember which spec was active for it.
-_SPEC_MEMORY: list[tuple[weakref.ref, _PackedSpec]] = []
-
-
-def _active_spec(position_ids: torch.Tensor | None) -> _PackedSpec | None:
-    """The packed_sequences spec in force, or the one that was in force for this position_ids tensor."""
-    spec = _PACKED.get()
-    if position_ids is None:
-        return spec
-    if spec is not None:
-        if not any(r() is position_ids and sp is spec for r, sp in _SPEC_MEMORY):
-            _SPEC_MEMORY[:] = [(r, sp) for r, sp in _SPEC_MEMORY[-7:] if r() is not None]
-            _SPEC_MEMORY.append((weakref.ref(position_ids), spec))
-        return spec
-    for r, sp in reversed(_SPEC_MEMORY):
-        if r() is position_ids:
-            return sp
-    return None
-
-
-def _doc_starts(position_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool, True where a document starts: t == 0 or the position does not continue the previous one."""
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    return starts
-
-
-def _starts_to_cu(starts: torch.Tensor) -> torch.Tensor:
-    """(B, T) start flags -> cu_seqlens over the flattened B*T tokens (int32, same device)."""
-    flat = starts.reshape(-1).clone()
-    flat[:: starts.shape[1]] = True  # every row starts a document
-    idx = flat.nonzero().squeeze(1).to(torch.int32)
-    return torch.cat([idx, idx.new_tensor([flat.numel()])])
-
-
-def cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch_size: int | None = None) -> torch.Tensor | None:
-    """Document offsets from (B, T) or (1, T) position ids, or None when every row holds a single document."""
-    pos = position_ids if position_ids.dim() == 2 else position_ids.view(1, -1)
-    if batch_size is not None and pos.shape[0] != batch_size:
-        pos = pos.expand(batch_size, -1)
-    starts = _doc_starts(pos)
-    if not bool(starts[:, 1:].any()):
-        return None
-    return _starts_to_cu(starts)
-
-
-def _doc_ids(cu: torch.Tensor, batch: int, length: int, device) -> torch.Tensor:
-    """(B, T) int document id of every token from cu_seqlens."""
-    flags = torch.zeros(batch * length, dtype=torch.int32, device=device)
-    flags[cu[1:-1].to(device=device, dtype=torch.long)] = 1
-    return flags.cumsum(0).view(batch, length)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Masks and the eager reference
-
-
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, Hkv, T, D) -> (B, Hkv * n_rep, T, D); query head h uses kv head h // n_rep."""
-    if n_rep == 1:
-        return x
-    B, H, T, D = x.shape
-    return x[:, :, None].expand(B, H, n_rep, T, D).reshape(B, H * n_rep, T, D)
-
-
-def _structural_mask(
-    batch: int,
-    q_len: int,
-    k_len: int,
-    causal: bool,
-    sliding_window: int | None,
-    cu_seqlens: torch.Tensor | None,
-    device,
-) -> torch.Tensor | None:
-    """Bool keep-mask (1 or B, 1, Tq, Tk) for causal / sliding window / documents, or None if nothing is masked.
-
-    Queries are aligned to the *end* of the keys (query i sits at absolute position Tk - Tq + i), as with a KV cache.
-    Sliding window w (transformers' convention): key k is visible from query q iff q - k < w.
-    """
-    qpos = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)  # (Tq, 1)
-    kpos = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
-    keep = None
-    if causal:
-        keep = kpos <= qpos
-    if sliding_window is not None:
-        win = (qpos - kpos < sliding_window) if causal else ((qpos - kpos).abs() < sliding_window)
-        keep = win if keep is None else keep & win
-    keep = None if keep is None else keep[None, None]  # (1, 1, Tq, Tk)
-    if cu_seqlens is not None:
-        if q_len != k_len:
-            raise ValueError("packed documents need as many queries as keys (no KV cache)")
-        doc = _doc_ids(cu_seqlens, batch, q_len, device)  # (B, T)
-        same = (doc[:, :, None] == doc[:, None, :])[:, None]  # (B, 1, T, T)
-        keep = same if keep is None else keep & same
-    return keep
-
-
-def _combine(keep: torch.Tensor | None, mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Merge a structural bool mask with a user mask -> (bool keep or None, float additive bias or None)."""
-    if mask is None:
-        return keep, None
-    if mask.dtype == torch.bool:
-        return (mask if keep is None else keep & mask), None
-    return keep, mask  # float: additive bias (0 / large negative), applied on top of `keep`
-
-
-def eager_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float,
-    causal: bool = True,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-    dropout: float = 0.0,
-) -> torch.Tensor:
-    """Reference: O = softmax(cap(Q K^T * scale) + mask) V, all in fp32. (B, Hq, Tq, D) in q.dtype.
-
-    Rows whose every key is masked output 0 (they are padding; a finite value keeps backward free of NaN).
-    """
-    B, Hq, Tq, _ = q.shape
-    Tk = k.shape[2]
-    n_rep = Hq // k.shape[1]
-    kf, vf = _repeat_kv(k.float(), n_rep), _repeat_kv(v.float(), n_rep)  # (B, Hq, Tk, D)
-    s = (q.float() @ kf.transpose(-1, -2)) * scale  # (B, Hq, Tq, Tk)
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
-    keep, bias = _combine(_structural_mask(B, Tq, Tk, causal, sliding_window, cu_seqlens, q.device), mask)
-    if bias is not None:
-        s = s + bias.float()
-    if keep is not None:
-        s = s.masked_fill(~keep, torch.finfo(torch.float32).min)  # finite: fully masked rows stay NaN-free
-    p = torch.softmax(s, dim=-1)
-    if dropout > 0.0:
-        p = F.dropout(p, p=dropout)
-    out = p @ vf  # (B, Hq, Tq, D)
-    if keep is not None:
-        out = out * keep.any(dim=-1, keepdim=True)  # fully masked rows -> 0
-    return out.to(q.dtype)
-
-
-def flash_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool = True,
-    block_size: int = 64,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tiled online-softmax attention forward, the flash-attention recurrence written out in PyTorch (fp32).
-
-    q (B, H, Tq, D), k / v (B, Hkv, Tk, D). Returns (O (B, H, Tq, D) in q.dtype, logsumexp L (B, H, Tq) fp32).
-    Never forms a (Tq, Tk) tensor: the largest intermediate is one (block, block) tile per head. Forward only.
-    """
-    B, H, Tq, D = q.shape
-    Tk = k.shape[2]
-    scale = D**-0.5 if scale is None else scale
-    n_rep = H // k.shape[1]
-    qf = q.float()
-    kf, vf = _repeat_kv(k.float(), n_rep), _repeat_kv(v.float(), n_rep)
-    offset = Tk - Tq  # queries aligned to the end of the keys
-    out = torch.empty(B, H, Tq, D, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
-    for i0 in range(0, Tq, block_size):
-        qi = qf[:, :, i0 : i0 + block_size]  # (B, H, bq, D)  "loaded into SRAM"
-        bq = qi.shape[2]
-        m = torch.full((B, H, bq, 1), -math.inf, device=q.device)  # running row max
-        l = torch.zeros(B, H, bq, 1, device=q.device)  # running row sum of exp
-        acc = torch.zeros(B, H, bq, D, device=q.device)  # unnormalised output
-        q_abs = torch.arange(i0, i0 + bq, device=q.device)[:, None] + offset  # (bq, 1)
-        k_end = min(Tk, i0 + bq + offset) if causal else Tk  # causal: skip blocks above the diagonal
-        for j0 in range(0, k_end, block_size):
-            kj, vj = kf[:, :, j0 : j0 + block_size], vf[:, :, j0 : j0 + block_size]  # (B, H, bk, D)
-            s = (qi @ kj.transpose(-1, -2)) * scale  # (B, H, bq, bk): one tile of S, never stored
-            if causal:
-                k_abs = torch.arange(j0, j0 + kj.shape[2], device=q.device)[None, :]
-                s = s.masked_fill(k_abs > q_abs, -math.inf)
-            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-            # a row with no visible key yet has m_new = -inf; use 0 there so exp() gives 0, not NaN
-            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            p = torch.exp(s - m_safe)  # (B, H, bq, bk)
-            corr = torch.exp(m - m_safe)  # rescales what was accumulated under the old max
-            l = l * corr + p.sum(dim=-1, keepdim=True)
-            acc = acc * corr + p @ vj
-            m = m_new
-        out[:, :, i0 : i0 + bq] = acc / l.clamp_min(1e-30)
-        lse[:, :, i0 : i0 + bq] = (m + torch.log(l)).squeeze(-1)
-    return out.to(q.dtype), lse
 
 
 # ---------------------------------------------------------------------------------------------------------------------
