@@ -120,19 +120,23 @@ class BaseRecipe:
         return " and ".join(parts) or "unquantized"
 
 
+def _quant_record(q) -> dict[str, Any]:
+    """The ``quant`` record of a run (from its ``QuantConfig``): what rebuilding its base needs."""
+    return {"method": q.method, "group_size": q.group_size, "blocksize": q.blocksize,
+            "double_quant": q.double_quant, "qat_bits": q.qat_bits, "skip_modules": q.skip_modules}
+
+
 def run_meta(cfg, base_model: str | Path) -> dict[str, Any]:
     """The content of :data:`RUN_META_NAME` for a run with config ``cfg`` on the base model dir ``base_model``."""
     from effine import __version__
 
-    q = cfg.quant
     return {
         "what": "how effine built the base this adapter was trained on; `effine generate` rebuilds it from this",
         "effine_version": __version__,
         "base_model": str(base_model),
         "adapter_method": cfg.adapter.method,
         "model_dtype": cfg.model.dtype,
-        "quant": {"method": q.method, "group_size": q.group_size, "blocksize": q.blocksize,
-                  "double_quant": q.double_quant, "qat_bits": q.qat_bits, "skip_modules": q.skip_modules},
+        "quant": _quant_record(cfg.quant),
     }
 
 
@@ -159,11 +163,7 @@ def read_base_recipe(adapter_dir: Path | None, run_dir: Path | None) -> BaseReci
         from effine.config import load_config
 
         cfg = load_config(run_dir / "config.yaml")
-        q = cfg.quant
-        return BaseRecipe.from_quant(cfg.model.dtype, {"method": q.method, "group_size": q.group_size,
-                                                       "blocksize": q.blocksize, "double_quant": q.double_quant,
-                                                       "qat_bits": q.qat_bits, "skip_modules": q.skip_modules},
-                                     str(run_dir / "config.yaml"))
+        return BaseRecipe.from_quant(cfg.model.dtype, _quant_record(cfg.quant), str(run_dir / "config.yaml"))
     return None
 
 

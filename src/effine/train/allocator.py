@@ -38,6 +38,10 @@ SYSTEM_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/
                "/usr/local/lib", "/lib/x86_64-linux-gnu", "/lib64")
 
 
+def _mode() -> str:
+    return os.environ.get(MODE_VAR, "auto").strip().lower()
+
+
 def _cache_lib_dir() -> Path:
     # effine.model.loader.cache_root without importing torch (this runs before the re-exec).
     return Path(os.environ.get("EFFINE_CACHE") or Path.home() / ".cache" / "effine") / "lib"
@@ -74,7 +78,7 @@ def ensure() -> None:
     """
     from effine.errors import ConfigError
 
-    mode = os.environ.get(MODE_VAR, "auto").strip().lower()
+    mode = _mode()
     if mode not in ("auto", "jemalloc", "system"):
         raise ConfigError(f"{MODE_VAR}={mode!r}: use auto, jemalloc or system.")
     if mode == "system" or loaded() or os.environ.get(REEXEC_VAR) or not sys.platform.startswith("linux"):
@@ -100,7 +104,7 @@ def ensure() -> None:
 
 def will_use_jemalloc() -> bool:
     """Whether a training process started now would run under jemalloc (what :func:`ensure` would do)."""
-    mode = os.environ.get(MODE_VAR, "auto").strip().lower()
+    mode = _mode()
     if mode == "system" or not sys.platform.startswith("linux"):
         return False
     return bool(loaded()) or find_jemalloc() is not None
@@ -111,7 +115,7 @@ def describe() -> str:
     lib = loaded()
     if lib:
         return f"allocator: jemalloc ({lib}, MALLOC_CONF={os.environ.get('MALLOC_CONF', '')})"
-    if os.environ.get(MODE_VAR, "auto").strip().lower() == "system":
+    if _mode() == "system":
         return f"allocator: glibc malloc ({MODE_VAR}=system)"
     return ("allocator: glibc malloc (no jemalloc found; `python -m effine.train.allocator --fetch` gets one: "
             "~10-18% lower peak memory and a few % faster on CPU)")
