@@ -198,6 +198,27 @@ def test_packed_batch_equals_documents_one_by_one(backend):
         torch.testing.assert_close(packed[k], single[k], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "eager", "tiled"])
+def test_right_padded_batch_is_one_dense_call_and_equals_one_by_one(backend, monkeypatch):
+    """Examples of different lengths in one right-padded batch: attention runs once over the whole batch (no
+    per-row documents: padding continues the row's positions), and loss and gradients equal each example alone."""
+    import effine.ops.attention as A
+
+    calls = []
+    real = A.attention
+    monkeypatch.setattr(A, "attention", lambda *a, **kw: calls.append(kw.get("cu_seqlens")) or real(*a, **kw))
+    ex = _examples(6, seed=5)
+    assert len({len(e) for e in ex}) > 1  # really padded
+    model = _lora_tiny(backend)
+    batch_loss, batched = _grads_of(model, [collate(ex, 0)])
+    n_layers = model.config.num_hidden_layers
+    assert calls[:n_layers] == [None] * n_layers  # one dense causal call per layer
+    single_loss, single = _grads_of(model, [collate([e], 0) for e in ex])
+    assert batch_loss == pytest.approx(single_loss, rel=1e-5)
+    for k in single:
+        torch.testing.assert_close(batched[k], single[k], rtol=1e-4, atol=1e-6)
+
+
 def test_gradient_checkpointing_same_gradients():
     model = _lora_tiny()
     batch = [collate(_examples(4), 0)]

@@ -74,7 +74,9 @@ def test_collate_pads_examples_right():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]]
     assert batch["input_ids"][0].tolist() == [1000, 1001, 1002, 0, 0, 0, 0, 0]
     assert batch["labels"][0].tolist() == [IGNORE, 1001, 1002] + [IGNORE] * 5
-    assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 0, 0, 0]
+    # padding continues the row's positions, so it forms no one-token documents (one dense causal call)
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
     assert batch["doc_lengths"] == [[3], [5]]
     assert batch["input_ids"].dtype == torch.long
 
@@ -85,7 +87,8 @@ def test_collate_packed_rows_keep_document_positions():
     assert isinstance(rows[0], PackedRow)
     assert batch["input_ids"].shape == (2, 5)
     assert batch["doc_lengths"] == [r.doc_lengths for r in rows]
-    assert batch["position_ids"][0].tolist() == rows[0].position_ids + [0] * (5 - len(rows[0]))
+    last = rows[0].position_ids[-1]
+    assert batch["position_ids"][0].tolist() == rows[0].position_ids + list(range(last + 1, last + 1 + 5 - len(rows[0])))
 
 
 def test_batch_order_is_deterministic_complete_and_epoch_dependent():

@@ -24,6 +24,8 @@ def model_inputs(batch: dict) -> dict:
 
     Right-padded rows need no attention mask: with causal attention a real token never sees the padding that
     follows it, and leaving the mask out lets SDPA take its ``is_causal`` path, which skips the upper triangle.
+    (``collate`` continues the positions through the padding, so padding forms no documents of its own and the
+    whole batch is one attention call.)
     Packed rows (several documents per row) pass position ids restarting at 0 per document: the attention backend
     (``effine.ops.attention``) derives the document boundaries from them and keeps attention inside each document.
     """
