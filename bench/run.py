@@ -375,7 +375,7 @@ CAVEATS = [
     "computes the adapter path in fp32 on a bf16 base; (2) TRL passes an attention_mask (SDPA with an explicit",
     "mask), effine relies on right padding + causal attention (no mask); (3) the losses differ in kernels: TRL's",
     "fused LM head (also computing entropy and top-1 for its metrics) vs effine's chunked CE; (4) optimizer:",
-    "TRL's default adamw_torch_fused vs effine's foreach AdamW (same math). 'shipped' keeps TRL's defaults:",
+    "TRL's default adamw_torch_fused vs effine's fused AdamW (the same kernel; effine's own parameter groups). 'shipped' keeps TRL's defaults:",
     "fp32 weights (TRL loads the model itself) under bf16 autocast, gradient checkpointing on, lr 2e-5 linear",
     "decay, random sampler (different batches, so its losses are not comparable and its batches carry more padding);",
     "it is given the same pre-tokenised input_ids+labels (TRL's own tokenisation of the raw chat would train on all",

@@ -51,7 +51,8 @@ loss         the chunked loss (:mod:`effine.ops.loss`) at its forward peak: the 
              the ``V*H`` fp32 dL/dW accumulator and a ``V*H*b`` scratch. The (N, V) logits never exist.
 workspace    the transient of whichever phase is the peak: backward of one layer (~``4*b*I + 12*H`` bytes per
              token, measured), dequantizing one quantized weight (~6 bytes per weight of the largest layer), or
-             the optimizer step's ``torch._foreach`` temporaries (one copy of the trainable parameters).
+             the optimizer step's temporaries (bounded by one copy of the trainable parameters: the foreach
+             AdamW needs it; the fused AdamW used on CPU and CUDA needs less).
 runtime      CPU: the process before any model exists, measured with torch 2.13 / transformers 5.24:
              ``import torch, transformers`` = 240 MiB RSS, and importing the model's code + first kernels
              (oneDNN, tokenizer-free) = +100 MiB. GPU: the CUDA context, assumed 0.5 GiB (not measured here: it
