@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/effine-qlora-vs-lora", help="run dirs go here")
     ap.add_argument("--qset", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for the quantized run only (e.g. quant.blocksize=32)")
+    ap.add_argument("--set", dest="both", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for both runs (e.g. train.seed=7 for another seed)")
     ap.add_argument("--out", default=str(HERE / "results"), help="directory for qlora_vs_lora.{md,json}")
     ap.add_argument("--reuse-lora", action="store_true",
                     help="take the bf16 LoRA run from WORK/none if it finished with this config and step count "
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
     for name, quant in (("lora-bf16", "none"), ("qlora-nf4" + "".join(f" ({q})" for q in args.qset), "nf4")):
         cfg = load_config(args.config, [f"train.max_steps={args.steps}", f"quant.method={quant}",
                                         f"output.dir={args.work}/{quant}", "output.overwrite=true",
-                                        "eval.prompts_from_eval=0"] + (args.qset if quant != "none" else []))
+                                        "eval.prompts_from_eval=0"] + args.both
+                          + (args.qset if quant != "none" else []))
         prev = Path(args.work) / quant
         if quant == "none" and args.reuse_lora and (prev / "summary.json").is_file():
             same = load_config(prev / "config.yaml").to_dict()
@@ -68,12 +71,14 @@ def main(argv=None) -> int:
     rel = q["eval_after"]["eval_loss"] / lo["eval_after"]["eval_loss"] - 1
     speed = q["tokens_per_s"] / lo["tokens_per_s"]
     rep = {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "config": args.config, "steps": args.steps,
+           "set": args.both, "qset": args.qset,
            "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
            "runs": res, "eval_loss_rel_diff": rel, "tokens_per_s_ratio": speed}
     md = [f"## QLoRA (nf4) vs bf16 LoRA — {rep['date']}", "",
           f"`{Path(args.config).name}`, {args.steps} steps each, same data/order/seed; torch {torch.__version__}, "
           f"{rep['threads']} threads, CPU. Command: `python bench/qlora_vs_lora.py --config "
-          f"configs/{Path(args.config).name} --steps {args.steps}" + "".join(f" --qset {q}" for q in args.qset)
+          f"configs/{Path(args.config).name} --steps {args.steps}" + "".join(f" --set {q}" for q in args.both)
+          + "".join(f" --qset {q}" for q in args.qset)
           + "`", "",
           "| run | eval loss before | eval loss after | train tok/s | supervised tok/s | train s |",
           "|---|---|---|---|---|---|"]
@@ -84,7 +89,8 @@ def main(argv=None) -> int:
            f"QLoRA tokens/s = {speed:.2f}x bf16 LoRA (goal >= 0.8x).", ""]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"qlora_vs_lora-{Path(args.config).stem}-{args.steps}steps" + "".join(f"-{q}" for q in args.qset)
+    stem = (f"qlora_vs_lora-{Path(args.config).stem}-{args.steps}steps" + "".join(f"-{q}" for q in args.both)
+            + "".join(f"-{q}" for q in args.qset))
     (out / f"{stem}.json").write_text(json.dumps(rep, indent=1))
     with open(out / "qlora_vs_lora.md", "a") as f:  # one section per run, newest last
         f.write("\n".join(md) + f"\nRaw: `bench/results/{stem}.json`\n\n")
