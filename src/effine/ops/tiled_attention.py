@@ -37,6 +37,8 @@ eager. Packed rows are handled by the caller, one call per document.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["DEFAULT_BLOCK", "supports", "tiled_attention"]
@@ -55,27 +57,36 @@ def _key_range(s: int, e: int, window: int | None) -> int:
     return 0 if window is None else max(0, s - window + 1)
 
 
-def _tile_mask(s: int, e: int, k0: int, window: int | None, device) -> torch.Tensor:
-    """(n, 1, M) bool, True where query i (in [s, e)) must not see key j. Without a window only the diagonal
-    tile (keys [s, e), the last M = n columns) has hidden entries; with one, all keys [k0, e) (M = e - k0)."""
-    i = torch.arange(s, e, device=device).view(-1, 1, 1)
-    j = torch.arange(s if window is None else k0, e, device=device).view(1, 1, -1)
+def _tile_bias(s: int, e: int, k0: int, window: int | None, r: int, dtype, device) -> torch.Tensor:
+    """(n, r, M) additive mask for the tile of queries [s, e) (n = e - s, r heads each): 0 where query i may see
+    key j, -inf where it must not. Without a window only the diagonal tile (keys [s, e), the last M = n columns) has
+    hidden entries; with one, all keys [k0, e) (M = e - k0). Adding it is exact (x + 0 = x, x + -inf = -inf) and,
+    contiguous and full-sized, 4x cheaper than a broadcast ``masked_fill_`` on the strided tile view."""
+    if window is None:
+        return _bias(e - s, e - s, 0, None, r, dtype, device)
+    return _bias(e - s, e - k0, s - k0, window, r, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _bias(n: int, m: int, shift: int, window: int | None, r: int, dtype, device) -> torch.Tensor:
+    i = torch.arange(shift, shift + n, device=device).view(-1, 1, 1)  # query offsets from the first key column
+    j = torch.arange(m, device=device).view(1, 1, -1)
     hide = j > i
     if window is not None:
         hide |= (i - j) >= window
-    return hide
+    return torch.zeros(n, r, m, dtype=dtype, device=device).masked_fill_(hide, float("-inf"))
 
 
-def _probs(qb: torch.Tensor, kb: torch.Tensor, hide: torch.Tensor, n: int, r: int) -> torch.Tensor:
+def _probs(qb: torch.Tensor, kb: torch.Tensor, bias: torch.Tensor, n: int, r: int) -> torch.Tensor:
     """Softmax probabilities of one tile, (B, Hk, n*r, L), in the input dtype; ``qb`` is already scaled.
 
-    ``hide`` covers the last ``hide.shape[-1]`` keys. ``torch.softmax`` is one fused pass per row that reads the
-    compute-dtype scores and accumulates in fp32 (row max, sum of exponentials), so no fp32 copy of the tile is
-    written and no logsumexp needs to be stored: backward recomputes P the same way.
+    ``bias`` (:func:`_tile_bias`) covers the last ``bias.shape[-1]`` keys. ``torch.softmax`` is one fused pass per
+    row that reads the compute-dtype scores and accumulates in fp32 (row max, sum of exponentials), so no fp32 copy
+    of the tile is written and no logsumexp needs to be stored: backward recomputes P the same way.
     """
     s = torch.matmul(qb, kb.transpose(-1, -2))  # (B, Hk, n*r, L)
     B, Hk, _, L = s.shape
-    s.view(B, Hk, n, r, L)[..., L - hide.shape[-1] :].masked_fill_(hide, float("-inf"))
+    s.view(B, Hk, n, r, L)[..., L - bias.shape[-1] :].add_(bias)
     return torch.softmax(s, dim=-1)
 
 
@@ -90,8 +101,8 @@ class _TiledAttention(torch.autograd.Function):
         for s in range(0, T, block):
             e = min(T, s + block)
             n, k0 = e - s, _key_range(s, e, window)
-            hide = _tile_mask(s, e, k0, window, qg.device)
-            p = _probs(qg[:, :, s:e].reshape(B, Hk, n * r, D), k[:, :, k0:e], hide, n, r)
+            bias = _tile_bias(s, e, k0, window, r, qg.dtype, qg.device)
+            p = _probs(qg[:, :, s:e].reshape(B, Hk, n * r, D), k[:, :, k0:e], bias, n, r)
             og[:, s:e] = torch.matmul(p, v[:, :, k0:e]).view(B, Hk, n, r, D).transpose(1, 2)
         ctx.save_for_backward(qg, k, v)
         ctx.window, ctx.block = window, block
@@ -109,10 +120,10 @@ class _TiledAttention(torch.autograd.Function):
         for s in range(0, T, block):
             e = min(T, s + block)
             n, k0 = e - s, _key_range(s, e, window)
-            hide = _tile_mask(s, e, k0, window, qg.device)
+            bias = _tile_bias(s, e, k0, window, r, qg.dtype, qg.device)
             qb = qg[:, :, s:e].reshape(B, Hk, n * r, D)
             kb, vb = k[:, :, k0:e], v[:, :, k0:e]
-            p = _probs(qb, kb, hide, n, r)
+            p = _probs(qb, kb, bias, n, r)
             dob = dog[:, s:e].transpose(1, 2).reshape(B, Hk, n * r, D)
             dv[:, :, k0:e] += torch.matmul(p.transpose(-1, -2), dob)
             dp = torch.matmul(dob, vb.transpose(-1, -2))  # (B, Hk, n*r, L)
