@@ -125,22 +125,36 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset
     return (xhat * (offset + weight.float())).to(x.dtype)
 
 
+def _scale_rows(xf: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
+                cast_before: bool) -> torch.Tensor:
+    """``y`` from the fp32 buffer ``xf`` (a private copy of x, overwritten) and the row scales ``rstd``."""
+    if cast_before:  # Llama: round xhat to x.dtype, multiply in the promoted dtype
+        w = weight if offset == 0.0 else offset + weight
+        return w * xf.mul_(rstd).to(x.dtype)
+    return xf.mul_(rstd).mul_(offset + weight.float()).to(x.dtype)  # Gemma: everything in fp32, one rounding
+
+
+def rms_norm_from_rstd(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float = 0.0,
+                       cast_before_weight: bool | None = None) -> torch.Tensor:
+    """The RMSNorm output for known row scales ``rstd`` (no grad): what :func:`rms_norm` returned, bit for bit,
+    when given the ``rstd`` it computed. Recomputing a norm's output this way skips the mean of squares."""
+    cast_before = _default_cast(offset, cast_before_weight)
+    return _scale_rows(x.to(torch.float32, copy=True), x, weight, rstd, float(offset), cast_before)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, cast_before: bool):
         xf = x.to(torch.float32, copy=True)  # a private fp32 buffer: modified in place below
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))  # (..., 1) fp32
-        if cast_before:  # Llama: round xhat to x.dtype, multiply in the promoted dtype
-            w = weight if offset == 0.0 else offset + weight
-            y = w * xf.mul_(rstd).to(x.dtype)
-        else:  # Gemma: everything in fp32, one rounding
-            y = xf.mul_(rstd).mul_(offset + weight.float()).to(x.dtype)
+        y = _scale_rows(xf, x, weight, rstd, offset, cast_before)
         ctx.save_for_backward(x, weight, rstd)
         ctx.offset, ctx.cast_before = offset, cast_before
-        return y
+        ctx.mark_non_differentiable(rstd)
+        return y, rstd
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):
+    def backward(ctx, g: torch.Tensor, _g_rstd=None):
         x, weight, rstd = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         xhat = x.to(torch.float32, copy=True).mul_(rstd)  # recomputed
@@ -158,17 +172,21 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0, *,
-             cast_before_weight: bool | None = None, fused: bool | None = None) -> torch.Tensor:
+             cast_before_weight: bool | None = None, fused: bool | None = None, return_rstd: bool = False):
     """``x / sqrt(mean(x^2) + eps) * (offset + weight)`` over the last dim, computed in fp32.
 
     ``offset=0`` is Llama/Mistral/Qwen2's RMSNorm, ``offset=1`` Gemma's (see the module docstring for the casts).
     The output has x's dtype (Llama ordering: the dtype promoted from x and weight, as in eager). Autograd keeps
     x and one fp32 rstd per row; ``fused=False`` / ``EFFINE_FUSED=0`` runs :func:`rms_norm_reference` instead.
+    ``return_rstd=True`` (fused path only) returns ``(y, rstd)``, rstd (..., 1) fp32 and not differentiable.
     """
     cast_before = _default_cast(offset, cast_before_weight)
     if not fused_enabled(fused):
+        if return_rstd:
+            raise ValueError("rms_norm: return_rstd needs the fused path")
         return rms_norm_reference(x, weight, eps, offset, cast_before)
-    return _RMSNorm.apply(x, weight, float(eps), float(offset), cast_before)
+    y, rstd = _RMSNorm.apply(x, weight, float(eps), float(offset), cast_before)
+    return (y, rstd) if return_rstd else y
 
 
 # ---------------------------------------------------------------------------------------------------------------------

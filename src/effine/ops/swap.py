@@ -39,7 +39,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from effine.ops.fused import fused_enabled, gated_act, gated_act_reference, recompute_saved, rms_norm
+from effine.ops.fused import (fused_enabled, gated_act, gated_act_reference, recompute_saved, rms_norm,
+                              rms_norm_from_rstd)
 
 __all__ = [
     "GATED_MLP_CLASSES",
@@ -84,12 +85,16 @@ class RMSNorm(nn.Module):
         return self.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = rms_norm(x, self.weight, self.eps, self.offset, cast_before_weight=self.cast_before_weight)
-        if getattr(self, "recompute_output", False) and y.requires_grad and fused_enabled():
-            fn = functools.partial(rms_norm, eps=self.eps, offset=self.offset,
-                                   cast_before_weight=self.cast_before_weight)
-            _remember_output(y, fn, (x, self.weight))
-        return y
+        if getattr(self, "recompute_output", False) and torch.is_grad_enabled() and fused_enabled():
+            y, rstd = rms_norm(x, self.weight, self.eps, self.offset, cast_before_weight=self.cast_before_weight,
+                               return_rstd=True)
+            if y.requires_grad:
+                # Recomputed from x and the row scales the norm keeps anyway: no second mean of squares.
+                fn = functools.partial(rms_norm_from_rstd, offset=self.offset,
+                                       cast_before_weight=self.cast_before_weight)
+                _remember_output(y, fn, (x, self.weight, rstd))
+            return y
+        return rms_norm(x, self.weight, self.eps, self.offset, cast_before_weight=self.cast_before_weight)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset:g}"
