@@ -73,6 +73,20 @@ def test_causal_gqa_parity(backend, hkv):
     _assert_all_close(_fwd_bwd(q, k, v, backend=backend), _fwd_bwd(q, k, v, backend="eager"), atol=atol)
 
 
+def test_tiled_mask_cache_survives_inference_mode():
+    """The tile masks are cached; one first built under inference_mode must still work in a training pass."""
+    from effine.ops.tiled_attention import _bias, tiled_attention
+
+    _bias.cache_clear()
+    q, k, v = _qkv(T=40, seed=9)
+    with torch.inference_mode():
+        ref = tiled_attention(q, k, v, block=16)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = tiled_attention(q, k, v, block=16)
+    out.sum().backward()
+    assert torch.equal(out.detach(), ref) and q.grad is not None and torch.isfinite(q.grad).all()
+
+
 @pytest.mark.parametrize("block", [1, 7, 16, 64])
 @pytest.mark.parametrize("window", [None, 4, 11])
 def test_tiled_blocks_and_windows(block, window):
