@@ -16,7 +16,11 @@ What happens, per workload:
    and the next repeat runs them in the reverse order (ABC CBA ...), so a slow drift of the machine's load hits
    both sides alike. Workers print one JSON line (per-step wall time, CPU time, loss, tokens, RSS).
 4. Report: steps < warmup are dropped; the remaining steps of all repeats give, per side,
-     tokens/s          non-pad tokens of the step / the step's wall interval: median and [min, max]
+     run tokens/s      per run: non-pad tokens of its measured steps / their summed wall time (how fast the run
+                       trains on this sequence of batches; each batch weighs by its time, as in a real fine-tune);
+                       median and [min, max] over repeats, and effine / baseline per repeat pair (the two runs of
+                       a repeat ran next to each other). The speed goals are read from this paired ratio.
+     tokens/s          non-pad tokens of the step / the step's wall interval: median and [min, max] over steps
      supervised/s      tokens that carry a label (labels[1:] != -100) / interval
      agg tokens/s      sum of tokens / sum of intervals (post-warm-up)
      tokens/cpu-s      tokens / process CPU seconds: less sensitive to other processes on a shared machine
@@ -206,6 +210,7 @@ def summarise(runs: list[dict[str, Any]], warmup: int, shape: dict[str, Any], pe
     if not ok:
         return {"error": runs[0].get("error") if runs else "no runs"}
     steps = [s for r in ok for s in r["steps"] if s["step"] >= warmup and not s.get("profiled")]
+    run_rates = [run_throughput(r, warmup) for r in ok]
     quiet_steps = [s for s in steps if s.get("foreign_cores", 0.0) < quiet]
     tok = [s["tokens"] / s["interval_s"] for s in steps]
     sup = [s["supervised"] / s["interval_s"] for s in steps]
@@ -223,6 +228,8 @@ def summarise(runs: list[dict[str, Any]], warmup: int, shape: dict[str, Any], pe
         "quiet_mfu": _q([step_flops(shape, s) / s["interval_s"] / peak_bf16 for s in quiet_steps]),
         "foreign_cores": _q([s.get("foreign_cores", 0.0) for s in steps]),
         "agg_tokens_per_s": sum(s["tokens"] for s in steps) / sum(s["interval_s"] for s in steps),
+        "run_tokens_per_s": _q(run_rates), "run_rates": {str(r.get("repeat", i)): x for i, (r, x) in
+                                                         enumerate(zip(ok, run_rates))},
         "agg_supervised_per_s": sum(s["supervised"] for s in steps) / sum(s["interval_s"] for s in steps),
         "tokens_per_cpu_s": _q(cpu), "cpu_utilisation": _q(util), "mfu": _q(mfu),
         "peak_rss_delta_mb": _q([d / MB for d in delta]), "peak_rss_mb": _q([p / MB for p in peak]),
@@ -233,6 +240,22 @@ def summarise(runs: list[dict[str, Any]], warmup: int, shape: dict[str, Any], pe
         "losses": [[s["loss"] for s in r["steps"]] for r in ok],
         "padding_share": 1 - sum(s["tokens"] for s in steps) / max(1, sum(s["padded"] for s in steps)),
     }
+
+
+def run_throughput(run: dict[str, Any], warmup: int) -> float:
+    """One run's throughput: the non-pad tokens of its measured steps over their summed wall time, i.e. how fast it
+    trains on this sequence of batches. Unlike the median of per-step rates it weighs each batch by its time, so a
+    mix of short and long batches counts as it does in a real fine-tune."""
+    st = [s for s in run["steps"] if s["step"] >= warmup and not s.get("profiled")]
+    return sum(s["tokens"] for s in st) / max(1e-9, sum(s["interval_s"] for s in st))
+
+
+def paired_run_ratios(num: dict[str, Any], den: dict[str, Any]) -> dict[str, Any] | None:
+    """effine ÷ baseline run throughput per repeat: the two runs of a repeat ran next to each other in time (order
+    ABC CBA ...), so a slow drift of the machine touches both. None when no repeat has both."""
+    a, b = num.get("run_rates") or {}, den.get("run_rates") or {}
+    ratios = [a[k] / b[k] for k in sorted(a) if k in b and b[k] > 0]
+    return {**_q(ratios), "all": ratios} if ratios else None
 
 
 def choose_headline(summ: dict[str, Any], min_quiet: int = 3) -> None:
@@ -276,6 +299,12 @@ def markdown(rep: dict[str, Any]) -> str:
     peak = rep["matmul_peak_used"]
     la = rep["loadavg"]
     choose_headline(sides)
+    for name, s in sides.items():  # results files written before run throughput was reported: derive it
+        ok = [r for r in rep.get("runs", {}).get(name, []) if "error" not in r]
+        if "error" not in s and "run_rates" not in s and ok:
+            rates = [run_throughput(r, rep["warmup"]) for r in ok]
+            s["run_tokens_per_s"] = _q(rates)
+            s["run_rates"] = {str(r.get("repeat", i)): x for i, (r, x) in enumerate(zip(ok, rates))}
     head = eff.get("headline", "all steps")
     lines = [f"## {rep['workload']} — {rep['date']}", "",
              f"Device: {m['cpu']['model']} (family {m['cpu']['family']}, {m['cpu']['cores']} cores, "
@@ -334,6 +363,16 @@ def markdown(rep: dict[str, Any]) -> str:
             f"| {_fmt_q(s['tokens_per_cpu_s'])} | {ratio_cpu} | {_fmt_q(s['peak_rss_delta_mb'])} "
             f"| {_fmt_q(s['peak_rss_mb'])} | {_fmt_q(s['time_to_first_step_s'], '{:.1f}')} | {par_s} "
             f"| {_fmt_q(s['head_mfu'], '{:.1%}')} |")
+    lines += ["", "Run throughput (each run's measured tokens over its measured wall time: how fast it trains on "
+              "this sequence of batches; median [min–max] over repeats) and effine ÷ side per repeat pair:", ""]
+    for name, s in sides.items():
+        if "error" in s or not s.get("run_tokens_per_s"):
+            continue
+        num_name = "effine" if name.count("-") < 2 else f"effine-{name.rsplit('-', 1)[1]}"
+        pr = None if name.startswith("effine") else paired_run_ratios(sides.get(num_name, {}), s)
+        lines.append(f"- {name}: {_fmt_q(s['run_tokens_per_s'])} tok/s"
+                     + (f"; {num_name} ÷ {name}: **{pr['median']:.2f}×** (per repeat: "
+                        + ", ".join(f"{x:.2f}×" for x in pr["all"]) + ")" if pr else ""))
     lines += [""]
     q = next((n for n in sides if n.startswith("effine-")), None)
     if q and "error" not in sides[q] and "error" not in eff:
