@@ -12,6 +12,9 @@ What happens, per workload:
 2. The matmul peak is measured in this process, with the workers' thread count: ``torch.mm`` of 2048^3 and of
    (2048 x d) @ (d x d) and (2048 x d) @ (d x intermediate) at the model's hidden size d, bf16 and fp32, best of 5
    after warm-up, at the start and again at the end of the workload (the machine may be shared: both are kept).
+   Baseline modes (--mode): matched (the workload's settings), shipped (TRL's defaults), jemalloc (matched, but
+   under the heap allocator effine uses: TRL's per-step multi-hundred-MB temporaries are page-faulted in again
+   on every step under glibc malloc; this side shows how much of effine's lead is the allocator).
 3. Runs, each a fresh process (so the peak RSS is the run's own): repeat r runs effine, TRL matched, TRL shipped,
    and the next repeat runs them in the reverse order (ABC CBA ...), so a slow drift of the machine's load hits
    both sides alike. Workers print one JSON line (per-step wall time, CPU time, loss, tokens, RSS).
@@ -172,13 +175,25 @@ def run_worker(kind: str, data: Path, steps: int, threads: int, timeout: int, ex
     script = BENCH_DIR / ("worker_effine.py" if parts[0] == "effine" else "worker_trl.py")
     cmd = [sys.executable, str(script), "--data", str(data), "--steps", str(steps), "--threads", str(threads),
            "--t-spawn", repr(time.time())]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if parts[0] != "effine":
-        cmd += ["--mode", parts[1]]
+        # "jemalloc": TRL at the matched settings, run under the allocator effine itself uses (same library, same
+        # MALLOC_CONF), so the comparison shows how much of the difference is the heap allocator.
+        cmd += ["--mode", "matched" if parts[1] == "jemalloc" else parts[1]]
+        if parts[1] == "jemalloc":
+            sys.path.insert(0, str(BENCH_DIR.parent / "src"))
+            from effine.train import allocator
+
+            lib = allocator.find_jemalloc()
+            if lib is None:
+                return {"error": "no libjemalloc.so.2 found (effine fetches one into its cache: "
+                                 "python -c 'from effine.train import allocator; allocator.fetch()')"}
+            env["LD_PRELOAD"] = f"{lib}:{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else str(lib)
+            env["MALLOC_CONF"] = allocator.JEMALLOC_CONF
     quant = parts[-1] if len(parts) == (2 if parts[0] == "effine" else 3) else None
     if quant:
         cmd += ["--quant", quant]
     cmd += extra or []
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
     la = loadavg()
     try:
@@ -418,7 +433,9 @@ CAVEATS = [
     "fp32 weights (TRL loads the model itself) under bf16 autocast, gradient checkpointing on, lr 2e-5 linear",
     "decay, random sampler (different batches, so its losses are not comparable and its batches carry more padding);",
     "it is given the same pre-tokenised input_ids+labels (TRL's own tokenisation of the raw chat would train on all",
-    "tokens unless assistant_only_loss=True).",
+    "tokens unless assistant_only_loss=True). effine trains under jemalloc (no purging) when it finds the library, as",
+    "`effine train` does; TRL runs under glibc malloc, as users run it, except 'trl-jemalloc': the matched settings",
+    "under the same jemalloc and MALLOC_CONF, to show how much of the difference is the heap allocator.",
 ]
 
 
@@ -529,7 +546,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="measured steps per run (after warm-up)")
     ap.add_argument("--warmup", type=int, default=3, help="steps run first and not measured")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--mode", default="matched,shipped", help="baseline modes: matched, shipped, both or '' (none)")
+    ap.add_argument("--mode", default="matched,shipped",
+                    help="baseline modes, comma-separated: matched, shipped, jemalloc (matched settings under the "
+                         "heap allocator effine uses), or '' (none)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quant", default=None, choices=["nf4"],
                     help="also run QLoRA: effine on an nf4 base and (with matched) TRL + PEFT + bitsandbytes nf4")
