@@ -178,3 +178,37 @@ def batch_stats(batch_rows: list[list[int]], labels_rows: list[list[int]]) -> di
     return {"tokens": sum(len(r) for r in batch_rows), "lengths": [len(r) for r in batch_rows],
             "supervised": sum(sum(1 for y in lab[1:] if y != -100) for lab in labels_rows),
             "width": width, "padded": width * len(batch_rows)}
+
+
+def heldout_loss(model, examples: list[dict[str, Any]], autocast_dtype=None) -> dict[str, Any]:
+    """Token-mean next-token cross-entropy of ``model`` on held-out examples: the same code on both sides.
+
+    One example per forward (no padding, no mask), the model's own logits, fp32 log-softmax here; position t
+    predicts labels[t + 1] (unshifted labels, -100 = no loss), as in training. ``autocast_dtype``: run the forward
+    under CPU autocast (TRL's matched mode trains under bf16 autocast and is evaluated the same way).
+    """
+    import contextlib
+
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            for e in examples:
+                ids = torch.tensor([e["input_ids"]])
+                lab = torch.tensor(e["labels"][1:])
+                keep = lab != -100
+                if not bool(keep.any()):
+                    continue
+                ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+                with ctx:
+                    logits = model(input_ids=ids).logits[0, :-1]
+                lp = torch.log_softmax(logits[keep].float(), dim=-1)
+                total += float(-lp.gather(1, lab[keep].view(-1, 1)).sum())
+                n += int(keep.sum())
+    finally:
+        model.train(was_training)
+    return {"loss": total / max(n, 1), "tokens": n, "examples": len(examples), "seconds": time.perf_counter() - t0}

@@ -243,6 +243,9 @@ def summarise(runs: list[dict[str, Any]], warmup: int, shape: dict[str, Any], pe
         "quiet_mfu": _q([step_flops(shape, s) / s["interval_s"] / peak_bf16 for s in quiet_steps]),
         "foreign_cores": _q([s.get("foreign_cores", 0.0) for s in steps]),
         "agg_tokens_per_s": sum(s["tokens"] for s in steps) / sum(s["interval_s"] for s in steps),
+        "heldout_loss": _q([r["heldout"]["loss"] for r in ok if r.get("heldout")]),
+        "heldout_info": next(({k: r["heldout"][k] for k in ("examples", "tokens")} for r in ok if r.get("heldout")),
+                             None),
         "run_tokens_per_s": _q(run_rates), "run_rates": {str(r.get("repeat", i)): x for i, (r, x) in
                                                          enumerate(zip(ok, run_rates))},
         "agg_supervised_per_s": sum(s["supervised"] for s in steps) / sum(s["interval_s"] for s in steps),
@@ -388,6 +391,18 @@ def markdown(rep: dict[str, Any]) -> str:
         lines.append(f"- {name}: {_fmt_q(s['run_tokens_per_s'])} tok/s"
                      + (f"; {num_name} ÷ {name}: **{pr['median']:.2f}×** (per repeat: "
                         + ", ".join(f"{x:.2f}×" for x in pr["all"]) + ")" if pr else ""))
+    ev = {n: s for n, s in sides.items() if "error" not in s and s.get("heldout_loss")}
+    if ev:
+        info = next(iter(ev.values()))["heldout_info"]
+        parts = []
+        for name, s in ev.items():
+            num_name = "effine" if name.count("-") < 2 else f"effine-{name.rsplit('-', 1)[1]}"
+            d = ("" if name.startswith("effine") or num_name not in ev else
+                 f" ({num_name} − {name}: {ev[num_name]['heldout_loss']['median'] - s['heldout_loss']['median']:+.4f})")
+            parts.append(f"{name} {s['heldout_loss']['median']:.4f}{d}")
+        lines += ["", f"Held-out eval loss after the {rep['warmup'] + rep['steps']} training steps ({info['examples']} "
+                  f"examples no batch uses, {info['tokens']} labelled tokens; the same evaluation code on every side, "
+                  f"bench/common.heldout_loss; median over repeats): " + "; ".join(parts) + "."]
     lines += [""]
     q = next((n for n in sides if n.startswith("effine-")), None)
     if q and "error" not in sides[q] and "error" not in eff:

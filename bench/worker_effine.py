@@ -24,7 +24,8 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RssSampler, batch_stats, cpu_snapshot, effine_version, emit, foreign_cores,  # noqa: E402
-                    hwm_bytes, loadavg, lora_a_init, maxrss_bytes, read_workload_file, reset_peak, rss_bytes)
+                    heldout_loss, hwm_bytes, loadavg, lora_a_init, maxrss_bytes, read_workload_file, reset_peak,
+                    rss_bytes)
 
 
 def main() -> None:
@@ -158,6 +159,10 @@ def main() -> None:
         if t_first_step_end is None:
             t_first_step_end = time.time()
     sampler.stop()
+    peak_hwm, peak_maxrss = (hwm_bytes() if reset_ok else None), maxrss_bytes()  # before the held-out eval
+    heldout = None
+    if blob.get("heldout"):  # the eval loss after training, by the same code on both sides (common.heldout_loss)
+        heldout = heldout_loss(model, [blob["examples"][i] for i in blob["heldout"]], None)
 
     emit({
         "side": "effine" if args.quant == "none" else f"effine-{args.quant}", "mode": "effine", "workload": w["name"], "threads": torch.get_num_threads(),
@@ -167,8 +172,9 @@ def main() -> None:
                                "first_step_s": steps[0]["interval_s"], "total_s": t_first_step_end - t_spawn},
         "train_wall_s": time.perf_counter() - t_train0,
         "rss": {"post_load": rss_post_load, "pre_reset": gc_rss, "peak_reset_ok": reset_ok,
-                "peak_train_hwm": hwm_bytes() if reset_ok else None, "peak_sampled": sampler.max,
-                "ru_maxrss": maxrss_bytes(), "trace": sampler.samples},
+                "peak_train_hwm": peak_hwm, "peak_sampled": sampler.max,
+                "ru_maxrss": peak_maxrss, "trace": sampler.samples},
+        "heldout": heldout,
         "loadavg": {"start": load0, "end": loadavg()},
         "model": shape, "trainable": n_trainable,
         "settings": {"allocator": allocator.describe(), "dtype": ("bf16 base" if args.quant == "none" else f"{args.quant} base (effine QuantLinear, "

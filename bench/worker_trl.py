@@ -44,8 +44,8 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RssSampler, batch_stats, cpu_snapshot, emit, foreign_cores, hwm_bytes,  # noqa: E402
-                    loadavg, lora_a_init, maxrss_bytes, read_workload_file, reset_peak, rss_bytes)
+from common import (RssSampler, batch_stats, cpu_snapshot, emit, foreign_cores, heldout_loss,  # noqa: E402
+                    hwm_bytes, loadavg, lora_a_init, maxrss_bytes, read_workload_file, reset_peak, rss_bytes)
 
 
 def main() -> None:
@@ -177,6 +177,10 @@ def main() -> None:
     trainer.train()
     t_train_end = time.perf_counter()
     sampler.stop()
+    peak_hwm, peak_maxrss = (hwm_bytes() if reset_ok else None), maxrss_bytes()  # before the held-out eval
+    heldout = None
+    if blob.get("heldout"):  # the eval loss after training, by the same code on both sides (common.heldout_loss)
+        heldout = heldout_loss(trainer.model, [blob["examples"][i] for i in blob["heldout"]], torch.bfloat16 if getattr(sft, "bf16", False) else None)
 
     ends = clock.ends
     prev = [clock.begin] + ends[:-1]
@@ -216,8 +220,9 @@ def main() -> None:
                                "total_s": (t_init - t_spawn) + (ends[0] - t_train_call)},
         "train_wall_s": t_train_end - t_train_call,
         "rss": {"post_load": rss_post_load, "pre_reset": gc_rss, "peak_reset_ok": reset_ok,
-                "peak_train_hwm": hwm_bytes() if reset_ok else None, "peak_sampled": sampler.max,
-                "ru_maxrss": maxrss_bytes(), "trace": sampler.samples},
+                "peak_train_hwm": peak_hwm, "peak_sampled": sampler.max,
+                "ru_maxrss": peak_maxrss, "trace": sampler.samples},
+        "heldout": heldout,
         "loadavg": {"start": load0, "end": loadavg()},
         "trainable": n_trainable, "lora_modules": n_lora,
         "settings": {"quant": args.quant, "trainable_dtypes": dtypes, "base_dtypes": base_dtypes, "bf16_autocast": sft.bf16,

@@ -5,12 +5,14 @@ data is tokenised ONCE with effine's own pipeline (``effine.data.build_datasets`
 or completion-only labels, truncation to max_length) and written to
 
     bench/cache/<workload>-<key>.json   {"examples": [{"input_ids": [...], "labels": [...]}, ...],
-                                         "batches": [[i, j, k, l], ...], "pad_id": ..., "meta": {...}}
+                                         "batches": [[i, j, k, l], ...], "pad_id": ..., "meta": {...},
+                                         "heldout": [m, ...]}
 
 Both sides read that file, so both see exactly the same tokens, the same labels and the same batches in the same
 order. The batch order is effine's ``batch_order(lengths, batch_size, seed, epoch=0)`` (length-grouped inside
 windows of 64 batches, then shuffled), keeping only full batches; the file holds just the examples those batches
-use. ``labels`` are unshifted (labels[t] is the target of position t, -100 = no loss): the convention of both effine
+use, plus ``heldout``: HELDOUT examples no batch uses, spread over the data, on which both workers measure the
+eval loss after training (``common.heldout_loss``). ``labels`` are unshifted (labels[t] is the target of position t, -100 = no loss): the convention of both effine
 and transformers, so the same column is handed to TRL as its ``labels``.
 
 Workloads:
@@ -40,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE_DIR  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FILE_VERSION = 3  # bump when the file layout or the derivation of the data changes
+HELDOUT = 16  # held-out examples per workload file (never in a batch)
+FILE_VERSION = 4  # bump when the file layout or the derivation of the data changes
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,11 @@ def prepare(w: Workload, n_batches: int, log=print) -> Path:
         raise SystemExit(f"{w.name}: the data has only {len(order)} full batches, {n_batches} needed")
     order = order[:n_batches]
     used = sorted({i for b in order for i in b})
+    # Held-out examples for the eval loss after training: spread over the examples no batch uses (none for packed
+    # rows: TRL does not run on those).
+    rest = [] if w.packing else sorted(set(range(len(items))) - set(used))
+    heldout = rest[:: max(1, len(rest) // HELDOUT)][:HELDOUT]
+    used = used + heldout
     remap = {old: new for new, old in enumerate(used)}
     pad_id = tok.pad_token_id
 
@@ -247,7 +255,8 @@ def prepare(w: Workload, n_batches: int, log=print) -> Path:
             "padded": sum(max(len(examples[i]["input_ids"]) for i in b) * len(b) for b in batches)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"pad_id": pad_id, "batches": batches, "examples": examples, "meta": meta}))
+    tmp.write_text(json.dumps({"pad_id": pad_id, "batches": batches, "examples": examples, "meta": meta,
+                               "heldout": [remap[i] for i in heldout]}))
     os.replace(tmp, out)
     log(f"[bench] {w.name}: wrote {out} ({n_batches} batches, {sum(lengths):,} tokens, {sum(sup):,} supervised "
         f"({meta['supervised_share']:.0%}), padding {1 - sum(lengths) / meta['padded']:.0%})")
