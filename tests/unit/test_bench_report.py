@@ -1,4 +1,5 @@
-"""The benchmark report's run throughput and paired ratios (bench/run.py): the numbers the speed goals are read from."""
+"""The benchmark report's run throughput and paired ratios (bench/report.py): the numbers the speed goals are read
+from."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 def run_mod():
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("effine_bench_run", BENCH / "run.py")
+        spec = importlib.util.spec_from_file_location("effine_bench_report", BENCH / "report.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         yield mod
