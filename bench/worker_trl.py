@@ -180,7 +180,8 @@ def main() -> None:
     peak_hwm, peak_maxrss = (hwm_bytes() if reset_ok else None), maxrss_bytes()  # before the held-out eval
     heldout = None
     if blob.get("heldout"):  # the eval loss after training, by the same code on both sides (common.heldout_loss)
-        heldout = heldout_loss(trainer.model, [blob["examples"][i] for i in blob["heldout"]], torch.bfloat16 if getattr(sft, "bf16", False) else None)
+        heldout = heldout_loss(trainer.model, [blob["examples"][i] for i in blob["heldout"]],
+                               torch.bfloat16 if getattr(sft, "bf16", False) else None)  # as it trained
 
     ends = clock.ends
     prev = [clock.begin] + ends[:-1]

@@ -12,8 +12,9 @@ Both sides read that file, so both see exactly the same tokens, the same labels 
 order. The batch order is effine's ``batch_order(lengths, batch_size, seed, epoch=0)`` (length-grouped inside
 windows of 64 batches, then shuffled), keeping only full batches; the file holds just the examples those batches
 use, plus ``heldout``: HELDOUT examples no batch uses, spread over the data, on which both workers measure the
-eval loss after training (``common.heldout_loss``). ``labels`` are unshifted (labels[t] is the target of position t, -100 = no loss): the convention of both effine
-and transformers, so the same column is handed to TRL as its ``labels``.
+eval loss after training (``common.heldout_loss``). ``labels`` are unshifted (labels[t] is the target of position
+t, -100 = no loss): the convention of both effine and transformers, so the same column is handed to TRL as its
+``labels``.
 
 Workloads:
 
