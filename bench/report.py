@@ -32,7 +32,6 @@ def summarise(runs: list[dict[str, Any]], warmup: int, shape: dict[str, Any], pe
     if not ok:
         return {"error": runs[0].get("error") if runs else "no runs"}
     steps = [s for r in ok for s in r["steps"] if s["step"] >= warmup and not s.get("profiled")]
-    run_rates = [run_throughput(r, warmup) for r in ok]
     quiet_steps = [s for s in steps if s.get("foreign_cores", 0.0) < quiet]
     tok = [s["tokens"] / s["interval_s"] for s in steps]
     sup = [s["supervised"] / s["interval_s"] for s in steps]
@@ -53,8 +52,7 @@ def summarise(runs: list[dict[str, Any]], warmup: int, shape: dict[str, Any], pe
         "heldout_loss": _q([r["heldout"]["loss"] for r in ok if r.get("heldout")]),
         "heldout_info": next(({k: r["heldout"][k] for k in ("examples", "tokens")} for r in ok if r.get("heldout")),
                              None),
-        "run_tokens_per_s": _q(run_rates), "run_rates": {str(r.get("repeat", i)): x for i, (r, x) in
-                                                         enumerate(zip(ok, run_rates))},
+        **run_rate_summary(ok, warmup),
         "agg_supervised_per_s": sum(s["supervised"] for s in steps) / sum(s["interval_s"] for s in steps),
         "tokens_per_cpu_s": _q(cpu), "cpu_utilisation": _q(util), "mfu": _q(mfu),
         "peak_rss_delta_mb": _q([d / MB for d in delta]), "peak_rss_mb": _q([p / MB for p in peak]),
@@ -73,6 +71,19 @@ def run_throughput(run: dict[str, Any], warmup: int) -> float:
     mix of short and long batches counts as it does in a real fine-tune."""
     st = [s for s in run["steps"] if s["step"] >= warmup and not s.get("profiled")]
     return sum(s["tokens"] for s in st) / max(1e-9, sum(s["interval_s"] for s in st))
+
+
+def run_rate_summary(ok: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
+    """``run_tokens_per_s`` (median [min, max] over the runs) and ``run_rates`` (repeat index -> throughput)."""
+    rates = [run_throughput(r, warmup) for r in ok]
+    return {"run_tokens_per_s": _q(rates),
+            "run_rates": {str(r.get("repeat", i)): x for i, (r, x) in enumerate(zip(ok, rates))}}
+
+
+def numerator_side(name: str) -> str:
+    """The effine side a baseline row is divided into: effine on the same kind of base (trl-matched-nf4 ->
+    effine-nf4, any other -> effine)."""
+    return "effine" if name.count("-") < 2 else f"effine-{name.rsplit('-', 1)[1]}"
 
 
 def paired_run_ratios(num: dict[str, Any], den: dict[str, Any]) -> dict[str, Any] | None:
@@ -127,9 +138,7 @@ def markdown(rep: dict[str, Any]) -> str:
     for name, s in sides.items():  # results files written before run throughput was reported: derive it
         ok = [r for r in rep.get("runs", {}).get(name, []) if "error" not in r]
         if "error" not in s and "run_rates" not in s and ok:
-            rates = [run_throughput(r, rep["warmup"]) for r in ok]
-            s["run_tokens_per_s"] = _q(rates)
-            s["run_rates"] = {str(r.get("repeat", i)): x for i, (r, x) in enumerate(zip(ok, rates))}
+            s.update(run_rate_summary(ok, rep["warmup"]))
     head = eff.get("headline", "all steps")
     lines = [f"## {rep['workload']} — {rep['date']}", "",
              f"Device: {m['cpu']['model']} (family {m['cpu']['family']}, {m['cpu']['cores']} cores, "
@@ -165,8 +174,7 @@ def markdown(rep: dict[str, Any]) -> str:
         if "error" in s:
             lines.append(f"| {name} | failed: {s['error']} ||||||||||| ")
             continue
-        # numerator: effine on the same kind of base (a trl-matched-nf4 row is divided into effine-nf4)
-        num_name = "effine" if name.count("-") < 2 else f"effine-{name.rsplit('-', 1)[1]}"
+        num_name = numerator_side(name)
         num = sides.get(num_name, {})
         own = name.startswith("effine")
         if own or not num.get("head_tokens_per_s"):
@@ -193,7 +201,7 @@ def markdown(rep: dict[str, Any]) -> str:
     for name, s in sides.items():
         if "error" in s or not s.get("run_tokens_per_s"):
             continue
-        num_name = "effine" if name.count("-") < 2 else f"effine-{name.rsplit('-', 1)[1]}"
+        num_name = numerator_side(name)
         pr = None if name.startswith("effine") else paired_run_ratios(sides.get(num_name, {}), s)
         lines.append(f"- {name}: {_fmt_q(s['run_tokens_per_s'])} tok/s"
                      + (f"; {num_name} ÷ {name}: **{pr['median']:.2f}×** (per repeat: "
@@ -203,7 +211,7 @@ def markdown(rep: dict[str, Any]) -> str:
         info = next(iter(ev.values()))["heldout_info"]
         parts = []
         for name, s in ev.items():
-            num_name = "effine" if name.count("-") < 2 else f"effine-{name.rsplit('-', 1)[1]}"
+            num_name = numerator_side(name)
             d = ("" if name.startswith("effine") or num_name not in ev else
                  f" ({num_name} − {name}: {ev[num_name]['heldout_loss']['median'] - s['heldout_loss']['median']:+.4f})")
             parts.append(f"{name} {s['heldout_loss']['median']:.4f}{d}")
