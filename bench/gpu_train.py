@@ -36,7 +36,7 @@ from effine.config import AdapterConfig  # noqa: E402
 from effine.model.tiny import random_large_config, tiny_config  # noqa: E402
 from effine.ops.attention import enable  # noqa: E402
 from effine.ops.swap import fuse_model  # noqa: E402
-from effine.train.loop import backward_window  # noqa: E402
+from effine.train.step import backward_window  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -13,7 +13,7 @@ from effine.adapters import inject_lora
 from effine.config import AdapterConfig, TrainConfig, load_config
 from effine.data import Example, collate
 from effine.model.tiny import tiny_model
-from effine.train.loop import backward_window
+from effine.train.step import backward_window
 from tests.conftest import chat_rows, write_jsonl
 
 

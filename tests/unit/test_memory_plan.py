@@ -11,7 +11,7 @@ from effine.errors import ConfigError
 from effine.model.tiny import random_large_config, tiny_config, tiny_model
 from effine.ops.attention import enable
 from effine.quant import QuantLinear, quantize_model
-from effine.train.forward import loss_sum
+from effine.ops.model_loss import loss_sum
 from effine.train.memory import GiB, MemoryPlan, parse_gpu, plan_memory
 
 

@@ -81,7 +81,7 @@ def _measure_worker() -> None:
 
     from effine.config import config_from_dict
     from effine.model.loader import resolve_model_dir
-    from effine.train.loop import backward_window
+    from effine.train.step import train_step
     from effine.train.optim import build_optimizer
     from effine.train.run import prepare_model
 
@@ -112,11 +112,7 @@ def _measure_worker() -> None:
             ids = torch.randint(0, V, (B, T), generator=g)
             window.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
                            "position_ids": torch.arange(T).expand(B, T)})
-        backward_window(model, window, cfg.train.loss_impl)
-        if cfg.train.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, window, cfg.train.lr, cfg.train.max_grad_norm, params, cfg.train.loss_impl)
         step_s.append(time.perf_counter() - t)
         step_peaks.append(_status_bytes("VmHWM") - baseline)
     train_hwm = _status_bytes("VmHWM") if can_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
