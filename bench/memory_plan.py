@@ -57,8 +57,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="reuse the cases already in --json")
     args = ap.parse_args()
 
-    from effine.train.measure import measure_peak
-    from effine.train.memory import GiB, plan_memory
+    from effine.plan.measure import measure_peak
+    from effine.plan.memory import GiB, plan_memory
 
     rows = []
     done: dict[tuple, dict] = {}

@@ -41,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     t_spawn = args.t_spawn or T_START
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from effine.train import allocator
+    from effine.system import allocator
 
     allocator.ensure()  # as `effine train` does: re-executes under jemalloc when one is found (EFFINE_ALLOCATOR)
 
@@ -52,7 +52,7 @@ def main() -> None:
     from effine.data import Example, PackedRow, collate
     from effine.train.optim import build_optimizer
     from effine.train.step import train_step
-    from effine.train.run import prepare_model
+    from effine.recipe import ModelRecipe, build_model
 
     torch.set_num_threads(args.threads)
     version = effine_version()
@@ -73,7 +73,7 @@ def main() -> None:
     pad_id = blob["pad_id"]
     t_data = time.time()
 
-    # -- model: effine's own prepare_model -----------------------------------------------------------------------
+    # -- model: effine's own build_model -----------------------------------------------------------------------
     torch.manual_seed(w["seed"])
     cfg = Config(model=ModelConfig(name=meta["model_dir"], dtype="bf16", attn=args.attn, gradient_checkpointing=False),
                  data=DataConfig(max_length=w["max_length"], packing=w["packing"]),
@@ -84,7 +84,7 @@ def main() -> None:
                                    warmup_steps=0, schedule="constant", max_grad_norm=w["max_grad_norm"],
                                    loss_impl=args.loss_impl, threads=args.threads))
     logs: list[str] = []
-    model = prepare_model(cfg, Path(meta["model_dir"]), logs.append)
+    model = build_model(ModelRecipe.from_config(cfg), model_dir=Path(meta["model_dir"]), log=logs.append)
     mods = lora_modules(model)
     with torch.no_grad():  # identical adapter init on both sides (B = 0 already)
         for name, m in mods.items():

@@ -96,7 +96,7 @@ def cmd_ptq(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from effine.config import load_config
-    from effine.train.memory import plan_memory
+    from effine.plan.memory import plan_memory
 
     cfg = load_config(args.config, args.overrides)
     device = "cuda" if args.gpu else "cpu"
@@ -199,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if argv is None and args.func is cmd_train:  # a real `effine train` process (not an in-process call)
-            from effine.train.allocator import ensure
+            from effine.system.allocator import ensure
 
-            ensure()  # may re-execute this process under jemalloc (see effine.train.allocator)
+            ensure()  # may re-execute this process under jemalloc (see effine.system.allocator)
         return args.func(args)
     except EffineError as e:
         print(f"effine: error: {e}", file=sys.stderr)

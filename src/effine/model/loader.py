@@ -23,16 +23,12 @@ from typing import Any
 
 import torch
 
+from effine.system.paths import cache_root  # noqa: F401  (re-exported: callers import it from here)
+
 from effine.errors import ModelError
 from effine.model.registry import PACKAGED_MODELS, packaged_gguf_path
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def cache_root(cache_dir: str | None = None) -> Path:
-    root = Path(cache_dir or os.environ.get("EFFINE_CACHE") or Path.home() / ".cache" / "effine")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def _is_model_dir(path: Path) -> bool:

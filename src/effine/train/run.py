@@ -28,8 +28,9 @@ import torch
 from effine.config import Config, save_config
 from effine.errors import ConfigError
 from effine.eval.evaluate import evaluate
-from effine.eval.generate import generate, prompt_from_example, prompt_ids_for, write_run_meta
-from effine.model.loader import cache_root, load_model, load_tokenizer, resolve_device, resolve_model_dir
+from effine.eval.generate import generate, prompt_from_example, prompt_ids_for
+from effine.model.loader import cache_root, load_tokenizer, resolve_model_dir
+from effine.recipe import ModelRecipe, build_model, write_recipe
 from effine.train.checkpoint import LoopState, latest_checkpoint, load_checkpoint
 from effine.train.metrics import MetricsLog, plot_losses
 from effine.train.optim import build_optimizer
@@ -52,61 +53,6 @@ def resolve_run_dir(cfg: Config) -> Path:
     name = name.replace("/", "--").split("--")[-1] if "/" in name else name
     return Path(cfg.output.dir.format(model=name, method=cfg.adapter.method if cfg.quant.method == "none"
                                       else f"q{cfg.quant.method}-{cfg.adapter.method}"))
-
-
-def prepare_model(cfg: Config, model_dir: Path, log) -> torch.nn.Module:
-    """Load the base, quantize frozen weights if asked, and make only the trained parameters require grad."""
-    from effine.ops.attention import enable as enable_attention
-    from effine.ops.attention import select_backend
-
-    from effine.quant import check_quant_settings
-
-    check_quant_settings(cfg.quant, cfg.adapter.method)
-    device = resolve_device(cfg.model.device)
-    model = load_model(model_dir, cfg.model.dtype, attn="sdpa", trust_remote_code=cfg.model.trust_remote_code,
-                       device=device)
-    enable_attention(model, None if cfg.model.attn == "auto" else cfg.model.attn)
-    log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    log(f"attention: effine backend '{select_backend(device, dtype=model.dtype)}' "
-        f"(model.attn={cfg.model.attn}; packed rows keep attention within each document)")
-    if cfg.quant.method != "none":
-        from effine.quant import quantize_model
-
-        n = quantize_model(model, cfg.quant.method, group_size=cfg.quant.group_size, blocksize=cfg.quant.blocksize,
-                           double_quant=cfg.quant.double_quant, skip_modules=cfg.quant.skip_modules)
-        kept = f" (kept in {cfg.model.dtype}: {', '.join(cfg.quant.skip_modules)})" if cfg.quant.skip_modules else ""
-        log(f"quantized {n} linear layers to {cfg.quant.method}{kept}")
-        from effine.train.measure import release_free_heap
-
-        release_free_heap()  # the freed bf16 weights' pages go back to the OS, not just to the heap
-    if cfg.quant.qat_bits:
-        from effine.quant import apply_qat
-
-        n = apply_qat(model, bits=cfg.quant.qat_bits, group_size=cfg.quant.group_size)
-        log(f"QAT: fake-quantizing {n} linear layers to {cfg.quant.qat_bits} bits")
-    if cfg.adapter.method == "lora":
-        from effine.adapters import count_parameters, inject_lora
-
-        # Adapters train in fp32 even on a bf16 base: AdamW updates of bf16 weights lose most small steps.
-        names = inject_lora(model, cfg.adapter, dtype=torch.float32)
-        trainable, total = count_parameters(model)
-        log(f"LoRA r={cfg.adapter.r} alpha={cfg.adapter.alpha} on {len(names)} modules: "
-            f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        log(f"full fine-tuning: {sum(p.numel() for p in model.parameters()):,} parameters")
-    if cfg.model.fused_ops:
-        from effine.ops.swap import fuse_model
-
-        counts = fuse_model(model, recompute_norms=cfg.model.recompute_norm_outputs)
-        log(f"fused ops: {counts['rms_norm']} RMSNorm, {counts['gated_mlp']} gated MLP modules"
-            + (f" ({counts['unsupported_act']} MLPs with an unsupported activation left as they are)"
-               if counts["unsupported_act"] else ""))
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    return model
 
 
 def sample_prompts(cfg: Config, tokenizer, eval_set: list) -> list[tuple[str, list[int]]]:
@@ -149,7 +95,7 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     torch.manual_seed(cfg.train.seed)
     log(f"effine: run dir {run_dir} | torch {torch.__version__} | {platform.machine()} | "
         f"{torch.get_num_threads()} threads")
-    from effine.train.allocator import describe as allocator_line
+    from effine.system.allocator import describe as allocator_line
 
     log(allocator_line())
 
@@ -174,7 +120,9 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     if not train_set:
         raise ConfigError(f"data.path: no usable training rows in {cfg.data.path} (see {run_dir}/data_report.txt).")
     t_data = time.perf_counter()
-    model = prepare_model(cfg, model_dir, log)
+    recipe = ModelRecipe.from_config(cfg)
+    write_recipe(run_dir, recipe, model_dir)
+    model = build_model(recipe, model_dir=model_dir, log=log)
     t_model = time.perf_counter()
     pad_id = tokenizer.pad_token_id
     eval_bs = cfg.eval.batch_size or cfg.train.batch_size
@@ -236,7 +184,7 @@ def save_outputs(cfg: Config, model, tokenizer, model_dir: Path, run_dir: Path, 
         save_adapter(model, run_dir / "adapter", cfg.adapter, base_model_name_or_path=str(model_dir))
         tokenizer.save_pretrained(run_dir / "adapter")
         # How the base was built (quantized?), next to adapter_config.json: generation rebuilds the same base.
-        write_run_meta(run_dir / "adapter", cfg, model_dir)
+        write_recipe(run_dir / "adapter", ModelRecipe.from_config(cfg), model_dir)
         log(f"adapter saved: {run_dir / 'adapter'} (PEFT format)")
         if cfg.output.save_merged:
             merged = merge_lora(model)
@@ -247,4 +195,5 @@ def save_outputs(cfg: Config, model, tokenizer, model_dir: Path, run_dir: Path, 
         shutil.rmtree(run_dir / "model", ignore_errors=True)
         model.save_pretrained(run_dir / "model", safe_serialization=True)
         tokenizer.save_pretrained(run_dir / "model")
+        write_recipe(run_dir / "model", ModelRecipe.from_config(cfg), model_dir)
         log(f"model saved: {run_dir / 'model'}")

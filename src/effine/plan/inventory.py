@@ -1,4 +1,4 @@
-"""The model inventory the memory planner (:mod:`effine.train.memory`) works from: every linear, norm and
+"""The model inventory the memory planner (:mod:`effine.plan.memory`) works from: every linear, norm and
 parameter of the model ``cfg.model.name`` names, read from its config.json through a model built on the meta
 device (nothing is downloaded or allocated), and the checkpoint's size on disk."""
 
