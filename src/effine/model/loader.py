@@ -167,7 +167,7 @@ def load_model(model_dir: Path, dtype: str = "bf16", attn: str = "sdpa", trust_r
     from transformers import AutoModelForCausalLM
 
     if (model_dir / "effine_ptq.safetensors").is_file():  # an `effine ptq` export (int4/int8 group-wise)
-        from effine.export.ptq import load_ptq_model
+        from effine.model.ptq_load import load_ptq_model
 
         return load_ptq_model(model_dir, dtype, attn=attn).to(device)
     has_st = any(model_dir.glob("*.safetensors"))
