@@ -1,7 +1,8 @@
 """Imports point downward only: each effine module imports modules of its own package or of lower layers.
 
     0  effine, errors                           the version, the error types
-    1  system, config                           process facts (allocator, memory, cache dir), settings
+    1  system, config, dtypes, module_tree      process facts (allocator, memory, cache dir), settings, dtype
+                                                table, the module-swap layer
     2  data, quant, ops                         tokens, number formats, kernels
     3  model                                    loading base models
     4  adapters                                 LoRA on a model
@@ -23,7 +24,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "effine"
 
 LAYERS: dict[str, int] = {
     "effine": 0, "effine.errors": 0,
-    "effine.system": 1, "effine.config": 1,
+    "effine.system": 1, "effine.config": 1, "effine.dtypes": 1, "effine.module_tree": 1,
     "effine.data": 2, "effine.quant": 2, "effine.ops": 2,
     "effine.model": 3,
     "effine.adapters": 4,

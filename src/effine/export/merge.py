@@ -53,7 +53,9 @@ import torch
 from torch import nn
 
 from effine.errors import ConfigError, ModelError
-from effine.model.loader import DTYPES as _DTYPE_NAMES
+from effine.dtypes import DTYPES as _DTYPE_NAMES
+from effine.dtypes import dtype_name as _dtype_name
+from effine.module_tree import set_submodule
 
 __all__ = ["MergeReport", "merge_run", "DEFAULT_PROMPTS", "REPORT_NAME"]
 
@@ -144,11 +146,6 @@ def _compare(ref: list[torch.Tensor], other: list[torch.Tensor]) -> dict[str, fl
 # Rebuilding the trained model and merging it
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
     out_f, in_f = weight.shape
     lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")  # no random init; real tensors next
@@ -195,13 +192,13 @@ def _merge_into_dense(model: nn.Module, dtype: torch.dtype, bake_qat: bool) -> t
     for name, m in lora_modules(model).items():
         w = _lora_weight(name, m, bake_qat)
         bias = getattr(m.base, "bias", None)
-        _set_submodule(model, name, _dense_linear(w, bias if isinstance(bias, torch.Tensor) else None, dtype))
+        set_submodule(model, name, _dense_linear(w, bias if isinstance(bias, torch.Tensor) else None, dtype))
         merged += 1
     dequantized = 0
     for name, mod in list(model.named_modules()):
         if isinstance(mod, (QuantLinear, FakeQuantLinear)):
             w = _trained_weight(mod, bake_qat)
-            _set_submodule(model, name, _dense_linear(w.float(), mod.bias, dtype))
+            set_submodule(model, name, _dense_linear(w.float(), mod.bias, dtype))
             dequantized += isinstance(mod, QuantLinear)
     return merged, dequantized
 
@@ -282,10 +279,6 @@ def _load_tokenizer(run_dir: Path, adapter_dir: Path | None, model_dir: Path):
         if d is not None and (d / "tokenizer_config.json").is_file():
             return load_tokenizer(d)
     return load_tokenizer(model_dir)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in _DTYPE_NAMES.items()}.get(dtype, str(dtype))
 
 
 def merge_run(

@@ -28,7 +28,7 @@ from effine.system.paths import cache_root  # noqa: F401  (re-exported: callers 
 from effine.errors import ModelError
 from effine.model.registry import PACKAGED_MODELS, packaged_gguf_path
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+from effine.dtypes import DTYPES  # noqa: E402,F401  (re-exported: callers import it from here)
 
 
 def _is_model_dir(path: Path) -> bool:

@@ -13,7 +13,7 @@ from torch import nn
 from effine.config import Config
 from effine.errors import ConfigError
 
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from effine.dtypes import DTYPES as _TORCH_DTYPES  # noqa: E402
 
 
 @dataclass
