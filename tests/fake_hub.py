@@ -13,6 +13,7 @@ hf_xet speaks its own binary protocol to a separate storage server):
     POST /{repo}.git/info/lfs/objects/batch         LFS batch: an upload action unless the oid is stored
     PUT  /lfs-upload/{oid}                          the LFS content (sha256 checked against the oid)
     POST /api/models/{repo}/commit/{rev}            NDJSON: header, file (base64), lfsFile (oid)
+    GET  /api/agent-harnesses                       the client's best-effort telemetry lookup -> 404
 
 Writes need ``Authorization: Bearer <token>``. Every request is recorded (method, path, Authorization header);
 ``fail`` names endpoints that answer 500, to test failures. Anything else answers 404 and is recorded in

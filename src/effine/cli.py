@@ -195,11 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", required=True, help="Hub repo id, user/name (created when missing)")
     p.add_argument("--what", choices=["adapter", "merged", "gguf"],
                    help="what to upload (default: adapter for LoRA runs, merged for full fine-tuning)")
-    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--private", action="store_true",
+                   help="create the repo as private (an existing repo keeps its visibility)")
     p.add_argument("--revision", help="branch to push to (created when missing; default main)")
     p.add_argument("--message", help="commit message (default: 'effine push: WHAT of RUN_NAME')")
     p.add_argument("--dry-run", action="store_true",
-                   help="print every file with its size and the model card; upload nothing (needs no token)")
+                   help="print every file with its size and the model card; upload nothing (needs no token; "
+                   "--what merged still merges locally when RUN_DIR/merged is missing)")
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("plan", help="predict peak training memory for a config, before loading anything",

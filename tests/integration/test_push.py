@@ -152,6 +152,14 @@ def test_failing_server_says_what_failed_and_how_to_retry(lora_run, hub, capsys)
     assert len(hub.lfs_puts) == 1 and len(hub.commits) == 1
 
 
+def test_refused_token_says_it_needs_write_access(lora_run, hub, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", "hf_readOnlyTokenAbc123")
+    assert main(["push", str(lora_run), "--repo", "alice/x"]) == 2
+    err = capsys.readouterr().err
+    assert "failed while creating the repo" in err and "needs write access to 'alice'" in err
+    assert "hf_readOnlyTokenAbc123" not in err and hub.repos == {}
+
+
 def test_no_token_is_a_clear_error(lora_run, hub, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     import huggingface_hub.constants
@@ -253,3 +261,12 @@ def test_output_push_config_is_validated():
         load_config(None, ["output.push.repo=alice/chat", "output.push.what=weights"])
     with pytest.raises(ConfigError, match=r"unknown config key 'output\.push\.privat'.*private"):
         load_config(None, ["output.push.privat=true"])
+
+
+def test_method_tags_name_what_was_trained():
+    from effine.export.model_card import method_tags
+
+    assert method_tags(load_config(None, [])) == ["lora"]
+    assert method_tags(load_config(None, ["quant.method=nf4"])) == ["qlora"]
+    assert method_tags(load_config(None, ["quant.qat_bits=4", "adapter.dropout=0"])) == ["lora", "qat"]
+    assert method_tags(load_config(None, ["adapter.method=full"])) == ["full-fine-tune"]

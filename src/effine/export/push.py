@@ -268,7 +268,11 @@ def push_run(run_dir: str | Path, repo_id: str, what: str | None = None, *, priv
     stage = "preparing the files"
 
     def fail(e: Exception) -> PushError:
-        text = f"{type(e).__name__}: {e}".replace(token, "***")
+        text = "\n  ".join(line for line in f"{type(e).__name__}: {e}".replace(token, "***").splitlines() if line)
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            text += (f"\n  The Hub refused the token: it needs write access to '{repo_id.split('/')[0]}' (make one "
+                     "at https://huggingface.co/settings/tokens, then set HF_TOKEN or run `hf auth login`).")
         return PushError(f"push to {where} failed while {stage}:\n  {text}\nThe run dir is unchanged; files "
                          f"already on the Hub stay there. Fix the cause and run again (only what is missing or "
                          f"changed is uploaded):\n  {retry}")
