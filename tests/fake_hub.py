@@ -173,7 +173,8 @@ class FakeHub:
         req = json.loads(body)
         repo = f"{req['organization']}/{req['name']}"
         if repo in self.repos:
-            return self._send(h, 409, {"error": "You already created this model repo", "url": f"{self.endpoint}/{repo}"})
+            return self._send(h, 409, {"error": "You already created this model repo",
+                                       "url": f"{self.endpoint}/{repo}"})
         self.repos[repo] = Repo(private=req.get("visibility") == "private")
         self._send(h, 200, {"url": f"{self.endpoint}/{repo}", "name": repo})
 

@@ -20,7 +20,7 @@ from effine.cli import main
 from effine.config import load_config
 from effine.errors import ConfigError, PushError
 from tests.conftest import chat_rows, write_jsonl
-from tests.fake_hub import FakeHub, git_blob_id
+from tests.fake_hub import FakeHub
 
 TOKEN = "hf_effineTestTokenXq7Z2vLk9pRsd"
 
@@ -237,7 +237,8 @@ def test_output_push_at_the_end_of_training(tiny_llama_dir, hub, tmp_path, capsy
                                                         "output.push.private=true")))
     assert summary["steps"] == 2
     assert hub.repos["bob/auto"].private and "adapter_model.safetensors" in hub.files("bob/auto")
-    assert git_blob_id(hub.files("bob/auto")["README.md"])  # a card arrived
+    assert _card(hub.files("bob/auto")["README.md"])[0]["library_name"] == "peft"
+    assert hub.commits[-1].summary == "effine push: adapter of ok"
 
     # A failing Hub: the run still finishes, keeps its files, and the log says how to retry.
     hub.fail.add("commit")

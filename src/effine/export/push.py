@@ -257,6 +257,9 @@ def push_run(run_dir: str | Path, repo_id: str, what: str | None = None, *, priv
         for line in _listing(files):
             log(line)
         log(f"----- {CARD_NAME} -----\n{files[0].data.decode()}----- end of {CARD_NAME} -----")
+        base, license_id = base_model_of(cfg)
+        if base and not license_id:
+            log(f"(the license is read from {base}'s own card when pushing; a dry run asks the Hub nothing)")
         return PushResult(repo_id, what, revision, [f.path_in_repo for f in files], dry_run=True)
 
     token = get_token()
@@ -273,7 +276,7 @@ def push_run(run_dir: str | Path, repo_id: str, what: str | None = None, *, priv
         if status in (401, 403):
             text += (f"\n  The Hub refused the token: it needs write access to '{repo_id.split('/')[0]}' (make one "
                      "at https://huggingface.co/settings/tokens, then set HF_TOKEN or run `hf auth login`).")
-        return PushError(f"push to {where} failed while {stage}:\n  {text}\nThe run dir is unchanged; files "
+        return PushError(f"push to {where} failed while {stage}:\n  {text}\nThe run is kept as it is; files "
                          f"already on the Hub stay there. Fix the cause and run again (only what is missing or "
                          f"changed is uploaded):\n  {retry}")
 
