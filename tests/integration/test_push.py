@@ -271,3 +271,18 @@ def test_method_tags_name_what_was_trained():
     assert method_tags(load_config(None, ["quant.method=nf4"])) == ["qlora"]
     assert method_tags(load_config(None, ["quant.qat_bits=4", "adapter.dropout=0"])) == ["lora", "qat"]
     assert method_tags(load_config(None, ["adapter.method=full"])) == ["full-fine-tune"]
+
+
+def test_card_of_a_packaged_base_names_upstream_and_says_it_was_a_gguf(lora_run, tmp_path):
+    from effine.export.push import collect_files
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["name"], cfg["quant"]["method"] = "smollm2-135m-instruct", "nf4"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    files = {f.path_in_repo: f for f in collect_files(run, "adapter", "alice/q", log=lambda _: None)}
+    meta, body = _card(files["README.md"].data)
+    assert (meta["base_model"], meta["license"]) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
+    assert meta["tags"][:2] == ["effine", "qlora"] and "from a Q4_1 GGUF" in body and "stored in nf4" in body
+    assert json.loads(files["adapter_config.json"].data)["base_model_name_or_path"] == meta["base_model"]

@@ -66,7 +66,7 @@ def _method_line(cfg: Config) -> str:
         line = f"LoRA r={a.r}, alpha={a.alpha:g} (scale {scale}) on {targets}"
         if q.method != "none":
             line = (f"QLoRA: {line}, on a base stored in {q.method}"
-                    + (f" (block size {q.blocksize}, double quantization {q.double_quant})"
+                    + (f" (block size {q.blocksize}{', double-quantized scales' if q.double_quant else ''})"
                        if q.method in ("nf4", "fp4") else f" (group size {q.group_size})"))
     if q.qat_bits:
         line += f"; quantization-aware training to {q.qat_bits} bits (group size {q.group_size})"
@@ -82,6 +82,18 @@ def _data_line(cfg: Config, summary: dict[str, Any]) -> str:
     rows = summary["data"].get("train_examples") if isinstance(summary.get("data"), dict) else None
     return f"{what}{f', {rows:,} training examples' if isinstance(rows, int) else ''}, max length {d.max_length} " \
            f"tokens{', packed' if d.packing else ''}, trained on {d.train_on.replace('_', ' ')} tokens"
+
+
+def _packaged_note(cfg: Config) -> list[str]:
+    """effine's packaged bases are the upstream weights after a GGUF round trip: say so, it changes the numbers."""
+    from effine.model.registry import PACKAGED_MODELS
+
+    m = PACKAGED_MODELS.get(cfg.model.name)
+    if m is None:
+        return []
+    return [f"The base effine trained on is its packaged copy `{m.name}`: {m.note} Those are the upstream weights "
+            "after GGUF quantization, so the same adapter or fine-tune on the upstream safetensors gives a close, "
+            "not identical, model.", ""]
 
 
 def _eval_table(summary: dict[str, Any]) -> list[str]:
@@ -169,6 +181,7 @@ def build_model_card(run_dir: Path, repo_id: str, what: str, files: list[str], *
     kind = {"adapter": "A LoRA adapter for", "merged": "A fine-tuned", "gguf": "GGUF export of a fine-tuned"}[what]
     body = [f"# {repo_id.split('/')[-1]}", "",
             f"{kind} {base_text}{'' if what == 'adapter' else ' model'}, trained with effine.", "",
+            *_packaged_note(cfg),
             "## Results", "", *_eval_table(summary), ""]
     if summary.get("steps") is not None:
         tps = summary.get("tokens_per_s")
