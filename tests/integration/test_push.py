@@ -286,3 +286,21 @@ def test_card_of_a_packaged_base_names_upstream_and_says_it_was_a_gguf(lora_run,
     assert (meta["base_model"], meta["license"]) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
     assert meta["tags"][:2] == ["effine", "qlora"] and "from a Q4_1 GGUF" in body and "stored in nf4" in body
     assert json.loads(files["adapter_config.json"].data)["base_model_name_or_path"] == meta["base_model"]
+
+
+def test_full_fine_tune_pushes_its_model_dir_by_default(tiny_llama_dir, hub, tmp_path):
+    from effine.train.run import run_training
+
+    run_training(load_config(None, _overrides(tmp_path, tiny_llama_dir, "full", "adapter.method=full",
+                                              "train.lr=1e-3")))
+    run = tmp_path / "full"
+    with pytest.raises(ConfigError, match="full fine-tuning run and has no adapter; use --what merged"):
+        from effine.export.push import push_run
+
+        push_run(run, "alice/full", "adapter")
+    assert main(["push", str(run), "--repo", "alice/full"]) == 0
+    files = hub.files("alice/full")
+    assert files["model.safetensors"] == (run / "model" / "model.safetensors").read_bytes()
+    assert not (run / "merged").exists()  # nothing to merge: model/ is the trained model
+    meta, _ = _card(files["README.md"])
+    assert meta["library_name"] == "transformers" and "full-fine-tune" in meta["tags"]
