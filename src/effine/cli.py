@@ -5,6 +5,7 @@
     effine generate MODEL_OR_RUN_DIR [--prompt TEXT ...] [--max-new-tokens N] [--no-quant]
     effine merge RUN_DIR [--out DIR] [--dtype bf16]
     effine ptq MODEL_DIR --out DIR [--bits 4] [--group-size 128]
+    effine push RUN_DIR --repo user/name [--what adapter|merged|gguf] [--private] [--revision BRANCH] [--dry-run]
     effine plan CONFIG [--set ...] [--gpu 80]
     effine config keys | effine config show CONFIG [--set ...]
 
@@ -94,6 +95,14 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from effine.export.push import push_run
+
+    push_run(args.run_dir, args.repo, args.what, private=args.private, revision=args.revision,
+             dry_run=args.dry_run, message=args.message)
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from effine.config import load_config
     from effine.plan.memory import plan_memory
@@ -176,6 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=128, help="weights per scale (0: one scale per output row)")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric (zero point) instead of symmetric")
     p.set_defaults(func=cmd_ptq)
+
+    p = sub.add_parser("push", help="upload a run's adapter, merged model or GGUF to the Hugging Face Hub with a "
+                       "model card", description="Upload RUN_DIR's adapter (default for LoRA runs), merged model "
+                       "(merged first when RUN_DIR/merged is missing) or GGUF file(s) plus a generated model card "
+                       "(README.md). Token: HF_TOKEN or `hf auth login`; never printed. Re-running uploads only "
+                       "files that are missing or changed on the Hub.")
+    p.add_argument("run_dir", help="run dir written by `effine train`")
+    p.add_argument("--repo", required=True, help="Hub repo id, user/name (created when missing)")
+    p.add_argument("--what", choices=["adapter", "merged", "gguf"],
+                   help="what to upload (default: adapter for LoRA runs, merged for full fine-tuning)")
+    p.add_argument("--private", action="store_true",
+                   help="create the repo as private (an existing repo keeps its visibility)")
+    p.add_argument("--revision", help="branch to push to (created when missing; default main)")
+    p.add_argument("--message", help="commit message (default: 'effine push: WHAT of RUN_NAME')")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every file with its size and the model card; upload nothing (needs no token; "
+                   "--what merged still merges locally when RUN_DIR/merged is missing)")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("plan", help="predict peak training memory for a config, before loading anything",
                        description="Predict peak memory (weights by precision, adapters, gradients, optimizer "

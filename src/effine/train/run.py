@@ -174,6 +174,10 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     _write_report(run_dir, cfg, summary, samples)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"done: {run_dir}/report.md")
+    if cfg.output.push.repo:  # last, after the run is complete: a failed push is logged with its retry command
+        from effine.export.push import push_after_training
+
+        push_after_training(cfg, run_dir, log)
     return summary
 
 
