@@ -137,6 +137,17 @@ class EvalConfig:
     max_new_tokens: int = _f(48, "Tokens to generate per sample prompt.", min=1)
 
 
+def check_repo_id(repo_id: str, where: str = "--repo") -> str:
+    """``namespace/name`` with the Hub's allowed characters; a ConfigError naming ``where`` otherwise."""
+    import re
+
+    if not isinstance(repo_id, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo_id) \
+            or ".." in repo_id or len(repo_id) > 96:
+        raise ConfigError(f"{where}: {repo_id!r} is not a Hub repo id; write it as user/name (e.g. "
+                          "alice/smollm2-chat): letters, digits, '-', '_', '.'.")
+    return repo_id
+
+
 @dataclass
 class PushConfig:
     repo: str | None = _f(None, "Hub repo (user/name) to push to at the end of `effine train` (the same as "
@@ -150,8 +161,6 @@ class PushConfig:
 
     def __post_init__(self) -> None:
         if self.repo is not None:
-            from effine.export.push import check_repo_id
-
             check_repo_id(self.repo, "output.push.repo")
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from effine.config import check_repo_id  # noqa: F401  (re-exported)
 from effine.errors import ConfigError, EffineError, PushError
 
 __all__ = ["WHATS", "PushResult", "UploadFile", "push_run", "push_after_training", "retry_command",
@@ -95,17 +96,6 @@ class PushResult:
     uploaded: list[str] = field(default_factory=list)  # the ones sent (changed or missing on the Hub)
     commit_url: str | None = None
     dry_run: bool = False
-
-
-def check_repo_id(repo_id: str, where: str = "--repo") -> str:
-    """``namespace/name`` with the Hub's allowed characters; a ConfigError naming ``where`` otherwise."""
-    import re
-
-    if not isinstance(repo_id, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo_id) \
-            or ".." in repo_id or len(repo_id) > 96:
-        raise ConfigError(f"{where}: {repo_id!r} is not a Hub repo id; write it as user/name (e.g. "
-                          "alice/smollm2-chat): letters, digits, '-', '_', '.'.")
-    return repo_id
 
 
 def _load_run_config(run_dir: Path):
