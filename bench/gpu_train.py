@@ -136,7 +136,7 @@ def run_variant(variant: str, name: str, args, device: str) -> dict:
            "tokens_per_s": tokens / median, "step_s_median": median, "first_loss": losses[0],
            "last_loss": losses[-1],
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
-    del model, opt, params
+    model = opt = params = step = None  # free this variant before the next one is built
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()

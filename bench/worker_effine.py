@@ -174,7 +174,7 @@ def main() -> None:
         "loadavg": {"start": load0, "end": loadavg()},
         "model": shape, "trainable": n_trainable,
         "settings": {"allocator": allocator.describe(), "dtype": ("bf16 base" if args.quant == "none" else f"{args.quant} base (effine QuantLinear, "
-                               "bf16 compute)") + ", fp32 LoRA (compute: bf16 base matmuls, fp32 adapter matmuls)",
+                               "bf16 compute)") + ", fp32 LoRA weights (compute: bf16 base and adapter matmuls)",
                      "attention": f"{model.config._attn_implementation} (effine backend {args.attn})",
                      "optimizer": f"torch.optim.AdamW {'fused' if optimizer.defaults.get('fused') else 'foreach'}, lr {cfg.train.lr}, constant, wd {cfg.train.weight_decay}",
                      "grad_clip": cfg.train.max_grad_norm, "loss": f"effine {cfg.train.loss_impl} CE on supervised rows",

@@ -35,8 +35,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = run_training(cfg, resume=args.resume)
     print(json.dumps({k: summary[k] for k in ("run_dir", "steps", "tokens_per_s")} |
-                     {"eval_loss_before": summary["eval_before"]["eval_loss"],
-                      "eval_loss_after": summary["eval_after"]["eval_loss"]}))
+                     {"eval_loss_before": (summary["eval_before"] or {}).get("eval_loss"),
+                      "eval_loss_after": (summary["eval_after"] or {}).get("eval_loss")}))
     return 0
 
 

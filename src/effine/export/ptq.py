@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from effine.errors import ConfigError, ModelError
-from effine.model.ptq_load import PTQ_CONFIG_KEY, PTQ_FORMAT, PTQ_WEIGHTS_NAME, _torch_dtype, is_ptq_dir, load_ptq_model
+from effine.model.ptq_load import PTQ_CONFIG_KEY, PTQ_FORMAT, PTQ_WEIGHTS_NAME, is_ptq_dir, load_ptq_model
 
 __all__ = ["PTQReport", "ptq_export", "load_ptq_model", "is_ptq_dir", "PTQ_WEIGHTS_NAME", "PTQ_CONFIG_KEY"]
 

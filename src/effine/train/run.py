@@ -65,12 +65,24 @@ def sample_prompts(cfg: Config, tokenizer, eval_set: list) -> list[tuple[str, li
     return prompts
 
 
+NO_EVAL_SET = ("No eval set (data.eval_fraction is 0 and data.eval_path is unset): eval loss was not measured. "
+               "Hold out rows with data.eval_fraction or give data.eval_path.")
+
+
+def _eval_line(res: dict | None) -> str:
+    return "no eval set" if res is None else f"eval_loss {res['eval_loss']:.4f} (ppl {res['eval_ppl']:.2f})"
+
+
 def _write_report(run_dir: Path, cfg: Config, summary: dict, samples: list[dict]) -> None:
-    lines = [f"# effine run: {cfg.model.name} ({cfg.adapter.method})", "",
-             "| | before | after |", "|---|---|---|",
-             f"| eval loss | {summary['eval_before']['eval_loss']:.4f} | {summary['eval_after']['eval_loss']:.4f} |",
-             f"| eval perplexity | {summary['eval_before']['eval_ppl']:.2f} | {summary['eval_after']['eval_ppl']:.2f} |",
-             "", f"Trained {summary['steps']} steps in {summary['train_seconds']:.0f} s: "
+    before, after = summary["eval_before"], summary["eval_after"]
+    lines = [f"# effine run: {cfg.model.name} ({cfg.adapter.method})", ""]
+    if before is None or after is None:
+        lines += [NO_EVAL_SET]
+    else:
+        lines += ["| | before | after |", "|---|---|---|",
+                  f"| eval loss | {before['eval_loss']:.4f} | {after['eval_loss']:.4f} |",
+                  f"| eval perplexity | {before['eval_ppl']:.2f} | {after['eval_ppl']:.2f} |"]
+    lines += ["", f"Trained {summary['steps']} steps in {summary['train_seconds']:.0f} s: "
              f"{summary['tokens_per_s']:.0f} tokens/s ({summary['supervised_per_s']:.0f} supervised tokens/s).", "",
              "## Samples (greedy)", ""]
     for s in samples:
@@ -127,7 +139,9 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     pad_id = tokenizer.pad_token_id
     eval_bs = cfg.eval.batch_size or cfg.train.batch_size
 
-    def run_eval(step: int) -> dict:
+    def run_eval(step: int) -> dict | None:
+        if not eval_set:  # data.eval_fraction: 0 and no eval_path: nothing to measure (never a loss of nan)
+            return None
         res = evaluate(model, eval_set, eval_bs, pad_id, cfg.eval.max_batches, impl=cfg.train.loss_impl)
         metrics.write("eval", step=step, **res)
         return res
@@ -142,24 +156,25 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
         state = load_checkpoint(ckpt, model, optimizer)
         log(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, micro-batch {state.batch_index})")
         before = json.loads((run_dir / "before.json").read_text()) if (run_dir / "before.json").exists() else {}
-        eval_before = before.get("eval", {"eval_loss": float("nan"), "eval_ppl": float("nan")})
+        eval_before = before.get("eval")
         gens_before = before.get("samples", [""] * len(prompts))
     else:
         log("evaluating the base model ...")
         eval_before = run_eval(0)
         gens_before = [generate(model, tokenizer, ids, cfg.eval.max_new_tokens) for _, ids in prompts]
         (run_dir / "before.json").write_text(json.dumps({"eval": eval_before, "samples": gens_before}))
-        log(f"before: eval_loss {eval_before['eval_loss']:.4f} (ppl {eval_before['eval_ppl']:.2f})")
+        log(f"before: {_eval_line(eval_before)}" + ("" if eval_set else f" — {NO_EVAL_SET}"))
     log(f"time to first step: data {t_data - t0:.1f}s, model {t_model - t_data:.1f}s, "
         f"eval+samples {time.perf_counter() - t_model:.1f}s")
 
     from effine.train.loop import train_loop
 
-    result = train_loop(model, optimizer, train_set, cfg.train, pad_id, run_dir, metrics, state, run_eval, log)
+    result = train_loop(model, optimizer, train_set, cfg.train, pad_id, run_dir, metrics, state,
+                        run_eval if eval_set else None, log)
     eval_after = run_eval(result.state.step)
     gens_after = [generate(model, tokenizer, ids, cfg.eval.max_new_tokens) for _, ids in prompts]
-    log(f"after:  eval_loss {eval_after['eval_loss']:.4f} (ppl {eval_after['eval_ppl']:.2f}) "
-        f"[before {eval_before['eval_loss']:.4f}]")
+    log(f"after:  {_eval_line(eval_after)}"
+        + (f" [before {eval_before['eval_loss']:.4f}]" if eval_before and eval_after else ""))
     for (p, _), b, a in zip(prompts, gens_before, gens_after):
         samples.append({"prompt": p, "before": b, "after": a})
         log(f"\n--- prompt: ...{p[-160:]!r}\n    before: {b!r}\n    after:  {a!r}")
