@@ -175,7 +175,8 @@ def _build_inventory(config, cfg: Config) -> _Inventory:
         head_bias=getattr(head, "bias", None) is not None,
         parallel_norm_shared=n_ln_layer0 > 1 and bool(getattr(c, "parallel_attn", False)), mlp_gated=gated,
         mlp_I=int(inter), mlp_fusable=mlp_fusable,
-        effine_attention=bool(getattr(model, "_supports_attention_backend", False)), lora_targets=lora_targets, quant_names=quant_names, buffers_bytes=buffers,
+        effine_attention=bool(getattr(model, "_supports_attention_backend", False)), lora_targets=lora_targets,
+        quant_names=quant_names, buffers_bytes=buffers,
     )
 
 
