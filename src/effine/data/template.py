@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 from effine.data.example import IGNORE, Example
 from effine.data.formats import RowDropped, Sample
+from effine.data.literals import ControlTokens
 from effine.errors import DataError, EffineError
 
 CHATML = (
@@ -178,6 +179,7 @@ class Encoder:
         self.log = log
         self.bos_id = tokenizer.bos_token_id if adds_bos(tokenizer) else None
         self.eos_id = getattr(tokenizer, "eos_token_id", None)
+        self.controls = ControlTokens(tokenizer)
         self._announced_fallback = False
         self._announced_search = False
         self._shape: TurnShape | None | object = _UNSET  # learned on first use (after the system prompt is known)
@@ -291,7 +293,10 @@ class Encoder:
             raise RowDropped(f"{sample.where}: messages[0]: the conversation starts with an assistant turn — put a "
                              "user (or system) message first", "starts with an assistant turn")
         full = self.render(messages, where=sample.where)
-        ids, offsets = self._tokenize(full)
+        # Special-token text typed in a message stays text: only the template's own tokens are control tokens.
+        forged = self.controls.forged_ranges(messages, full, lambda ms: self.render(ms, where=sample.where),
+                                             sample.where)
+        ids, offsets = self.controls.tokenize(full, forged)
         if self.train_on == "all":
             trained = [True] * len(ids)
         else:
@@ -309,8 +314,7 @@ class Encoder:
         return self._finish(ids, labels, where)
 
     def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        return self.controls.tokenize(text)
 
     def _finish(self, ids: list[int], labels: list[int], where: str) -> Example:
         """Exactly one leading BOS when the tokenizer uses one; the first position is never a target."""
