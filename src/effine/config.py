@@ -78,6 +78,10 @@ class DataConfig:
     system_prompt: str | None = _f(None, "System message prepended to every conversation that has none.")
     packing: bool = _f(False, "Pack several samples per row (attention stays within each sample).")
     seed: int = _f(1234, "Seed for the train/eval split and the shuffling order.")
+    max_bad_fraction: float = _f(0.1, "Stop when more than this share of the rows read are dropped as unusable (no "
+                                 "assistant turn, empty or non-text content, tool calls, overlong lines; listed in "
+                                 "data_report.txt). Rows dropped by data.overlength: drop do not count. 1 disables.",
+                                 min=0.0, max=1.0)
 
 
 @dataclass

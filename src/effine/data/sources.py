@@ -4,6 +4,11 @@ Every row comes with ``where``, the location a person needs to find it again: ``
 files (JSONL, CSV; 1-based physical line) and ``path:row N`` for files without useful lines (JSON, Parquet; 1-based
 row number). Every error names that location and says what to do.
 
+A line too long to be a trainable row (over :data:`MAX_LINE_CHARS`, e.g. a 50 MB single line) is not held in
+memory: it is read past in chunks and yielded as a :class:`~effine.data.formats.RowDropped` instead of a row, which
+the pipeline counts. A byte-order mark is tolerated at the start of the file and at the start of any JSONL line
+(files concatenated with ``cat``).
+
     for where, data in read_rows("train.jsonl"):
         ...  # where == "train.jsonl:3", data == {"messages": [...]}
 """
@@ -16,10 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from effine.data.formats import RowDropped
 from effine.errors import DataError
 
-Row = tuple[str, dict[str, Any]]
-"""``(where, data)``: a row's location and its fields."""
+Row = tuple[str, "dict[str, Any] | RowDropped"]
+"""``(where, data)``: a row's location and its fields (or, for a line too long to read, why it was skipped)."""
+
+MAX_LINE_CHARS = 16 << 20
+"""Longest JSONL line (and CSV field) read as a row: 16 Mi characters, far beyond any data.max_length."""
 
 SUPPORTED = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 
@@ -51,24 +60,46 @@ def _read_jsonl(p: Path, name: str) -> Iterator[Row]:
         lineno = 0
         while True:
             try:
-                line = f.readline()
+                line = f.readline(MAX_LINE_CHARS + 1)
+                if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
+                    length = len(line) + _skip_rest_of_line(f)
+                    lineno += 1
+                    yield f"{name}:{lineno}", RowDropped(
+                        f"{name}:{lineno}: line of {length:,} characters, longer than {MAX_LINE_CHARS:,}",
+                        f"line longer than {MAX_LINE_CHARS >> 20} Mi characters")
+                    continue
             except UnicodeDecodeError as e:
                 raise DataError(f"{name}:{lineno + 1}: not valid UTF-8 ({e.reason}) — save the file as UTF-8"
                                 ) from None
             if not line:
                 return
             lineno += 1
+            line = line.lstrip("\ufeff")  # a BOM at a line start: files joined with `cat`
             if not line.strip():
                 continue
             where = f"{name}:{lineno}"
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
+                if "\x00" in line:
+                    raise DataError(f"{where}: NUL byte at column {line.index(chr(0)) + 1} — the file is corrupt "
+                                    "(binary data, or zeros left by an interrupted write); fix or remove this line"
+                                    ) from None
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}) — fix or remove this line"
                                 ) from None
             if not isinstance(value, dict):
                 raise _not_object(where, value)
             yield where, value
+
+
+def _skip_rest_of_line(f: Any) -> int:
+    """Read past the rest of an overlong line a chunk at a time (bounded memory); return how much was skipped."""
+    skipped = 0
+    while True:
+        chunk = f.readline(1 << 20)
+        skipped += len(chunk)
+        if not chunk or chunk.endswith("\n"):
+            return skipped
 
 
 def _json_records(value: Any, name: str) -> list[Any]:
@@ -102,6 +133,7 @@ def _read_json(p: Path, name: str) -> Iterator[Row]:
 
 def _read_csv(p: Path, name: str) -> Iterator[Row]:
     """CSV with a header row; ``where`` is the physical line a record starts on (quoted fields may span lines)."""
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_CHARS))  # default 128 KiB: too small for documents
     with p.open("r", encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         try:
@@ -115,8 +147,9 @@ def _read_csv(p: Path, name: str) -> Iterator[Row]:
                     continue  # blank line
                 where = f"{name}:{start}"
                 if len(record) != len(header):
+                    unclosed = " (an unclosed quote swallows the lines after it)" if "\n" in record[-1] else ""
                     raise DataError(f"{where}: {len(record)} fields but the header has {len(header)} "
-                                    f"({', '.join(header)}) — quote fields that contain commas or newlines")
+                                    f"({', '.join(header)}){unclosed} — quote fields that contain commas or newlines")
                 yield where, dict(zip(header, record))
         except UnicodeDecodeError as e:
             raise DataError(f"{name}:{reader.line_num + 1}: not valid UTF-8 ({e.reason}) — save the file as UTF-8"
