@@ -20,7 +20,7 @@ not UTF-8                                   error ``file:line`` (the first bad l
 NUL byte in the file (outside JSON text)    error ``file:line``: the file is corrupt
 NUL character inside a text (``\u0000``)    dropped: ``NUL character in text``
 byte-order mark                             accepted (file start, and any JSONL line start)
-line over 16 Mi characters (50 MB line)     dropped: ``line longer than 16 Mi characters``; read past in 1 MiB
+line over 16 MiB (a 50 MB line)             dropped: ``line longer than 16 MiB``; read past in 1 MiB
                                             chunks, never held in memory (CSV: error, the field limit)
 empty file / only blank lines               error: no rows
 row that is not an object; missing/null     error ``file:line: field.path``

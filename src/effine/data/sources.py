@@ -4,7 +4,7 @@ Every row comes with ``where``, the location a person needs to find it again: ``
 files (JSONL, CSV; 1-based physical line) and ``path:row N`` for files without useful lines (JSON, Parquet; 1-based
 row number). Every error names that location and says what to do.
 
-A line too long to be a trainable row (over :data:`MAX_LINE_CHARS`, e.g. a 50 MB single line) is not held in
+A line too long to be a trainable row (over :data:`MAX_LINE_BYTES`, e.g. a 50 MB single line) is not held in
 memory: it is read past in chunks and yielded as a :class:`~effine.data.formats.RowDropped` instead of a row, which
 the pipeline counts. A byte-order mark is tolerated at the start of the file and at the start of any JSONL line
 (files concatenated with ``cat``).
@@ -27,8 +27,8 @@ from effine.errors import DataError
 Row = tuple[str, "dict[str, Any] | RowDropped"]
 """``(where, data)``: a row's location and its fields (or, for a line too long to read, why it was skipped)."""
 
-MAX_LINE_CHARS = 16 << 20
-"""Longest JSONL line (and CSV field) read as a row: 16 Mi characters, far beyond any data.max_length."""
+MAX_LINE_BYTES = 16 << 20
+"""Longest JSONL line (and CSV field, in characters) read as a row: 16 MiB, far beyond any data.max_length."""
 
 SUPPORTED = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 
@@ -55,29 +55,31 @@ def _not_object(where: str, value: Any) -> DataError:
 
 
 def _read_jsonl(p: Path, name: str) -> Iterator[Row]:
-    """One JSON object per line; blank lines are skipped but still counted, so line numbers match an editor."""
-    with p.open("r", encoding="utf-8-sig", newline="") as f:  # -sig: tolerate a byte-order mark
+    """One JSON object per line; blank lines are skipped but still counted, so line numbers match an editor.
+
+    Read as bytes and decoded line by line, so a bad byte is reported on its own line (a text-mode reader decodes
+    ahead in blocks and would blame an earlier line).
+    """
+    with p.open("rb") as f:
         lineno = 0
         while True:
-            try:
-                line = f.readline(MAX_LINE_CHARS + 1)
-                if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
-                    length = len(line) + _skip_rest_of_line(f)
-                    lineno += 1
-                    yield f"{name}:{lineno}", RowDropped(
-                        f"{name}:{lineno}: line of {length:,} characters, longer than {MAX_LINE_CHARS:,}",
-                        f"line longer than {MAX_LINE_CHARS >> 20} Mi characters")
-                    continue
-            except UnicodeDecodeError as e:
-                raise DataError(f"{name}:{lineno + 1}: not valid UTF-8 ({e.reason}) — save the file as UTF-8"
-                                ) from None
-            if not line:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
                 return
             lineno += 1
-            line = line.lstrip("\ufeff")  # a BOM at a line start: files joined with `cat`
+            where = f"{name}:{lineno}"
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                length = len(raw) + _skip_rest_of_line(f)
+                yield where, RowDropped(f"{where}: line of {length:,} bytes, longer than {MAX_LINE_BYTES:,}",
+                                        f"line longer than {MAX_LINE_BYTES >> 20} MiB")
+                continue
+            try:
+                line = raw.decode("utf-8").lstrip("\ufeff")  # a BOM: file start, or files joined with `cat`
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start + 1} of the line) — save "
+                                "the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{name}:{lineno}"
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
@@ -98,7 +100,7 @@ def _skip_rest_of_line(f: Any) -> int:
     while True:
         chunk = f.readline(1 << 20)
         skipped += len(chunk)
-        if not chunk or chunk.endswith("\n"):
+        if not chunk or chunk.endswith(b"\n"):
             return skipped
 
 
@@ -133,7 +135,7 @@ def _read_json(p: Path, name: str) -> Iterator[Row]:
 
 def _read_csv(p: Path, name: str) -> Iterator[Row]:
     """CSV with a header row; ``where`` is the physical line a record starts on (quoted fields may span lines)."""
-    csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_CHARS))  # default 128 KiB: too small for documents
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))  # default 128 KiB: too small for documents
     with p.open("r", encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         try:
