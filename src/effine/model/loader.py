@@ -92,14 +92,21 @@ def _download_hub(repo_id: str, revision: str | None, cache: Path) -> Path:
             allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"],
         )
     except Exception as e:  # offline, 401/404, ...: the message must say how to get the model locally
-        reason = type(e).__name__ + (f": {str(e).splitlines()[0][:200]}" if str(e) else "")
-        raise ModelError(
-            f"model.name: cannot download '{repo_id}' from the Hugging Face Hub ({reason}).\n"
-            f"  If this machine is offline, download the model elsewhere (`hf download {repo_id} --local-dir DIR`),\n"
-            f"  copy DIR here and set model.name to that directory; or use a .gguf file, or one of the packaged\n"
-            f"  models: {', '.join(PACKAGED_MODELS)}. For gated models set HF_TOKEN in the environment."
-        ) from None
+        raise hub_error(repo_id, e) from None
     return Path(path)
+
+
+def hub_error(repo_id: str, e: Exception | None = None) -> ModelError:
+    """The error for a hub id that cannot be fetched (offline, 401/404): how to get the model locally instead."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        return ModelError(f"model.name: '{repo_id}' is neither a packaged model ({', '.join(PACKAGED_MODELS)}), an "
+                          "existing path, a .gguf file, nor a hub id of the form org/name.")
+    reason = type(e).__name__ + (f": {str(e).splitlines()[0][:200]}" if str(e) else "") if e else "unreachable"
+    return ModelError(
+        f"model.name: cannot download '{repo_id}' from the Hugging Face Hub ({reason}).\n"
+        f"  If this machine is offline, download the model elsewhere (`hf download {repo_id} --local-dir DIR`),\n"
+        f"  copy DIR here and set model.name to that directory; or use a .gguf file, or one of the packaged\n"
+        f"  models: {', '.join(PACKAGED_MODELS)}. For gated models set HF_TOKEN in the environment.")
 
 
 def resolve_model_dir(name: str, cache_dir: str | None = None, revision: str | None = None) -> Path:
