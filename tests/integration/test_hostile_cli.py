@@ -65,3 +65,41 @@ def test_plan_with_an_unreachable_hub_id_is_a_clear_error(fake_hub, tmp_path):
 
     with pytest.raises(ModelError, match="'no-such-model' is neither a packaged model"):  # no download tried
         plan_memory(load_config(None, ["model.name=no-such-model"]))
+
+
+def _files_containing(root: Path, needle: bytes) -> list[str]:
+    hits = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink() and needle in p.read_bytes():
+            hits.append(str(p.relative_to(root)))
+    return hits
+
+
+def test_hf_token_canary_appears_in_no_file_or_output(tmp_path, tiny_llama_dir):
+    """A full tiny run through the real CLI (train, generate, merge) with HF_TOKEN set: every byte written under the
+    run dir and the effine cache, and everything printed, is searched for the token."""
+    canary = f"hf_canary_{secrets.token_hex(12)}"
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_rows(24))
+    run = tmp_path / "run"
+    env = {"HF_TOKEN": canary, "HUGGING_FACE_HUB_TOKEN": canary, "EFFINE_CACHE": str(tmp_path / "cache"),
+           "HF_HUB_OFFLINE": "1"}
+    sets = [f"model.name={tiny_llama_dir}", f"data.path={data}", f"output.dir={run}", "data.max_length=64",
+            "train.max_steps=3", "train.batch_size=4", "train.warmup_steps=1", "train.log_every=1",
+            "train.save_every=2", "eval.max_new_tokens=4", "eval.prompts_from_eval=1", "eval.max_batches=1"]
+    outputs = []
+    proc = effine("train", "configs/smollm2-135m-lora.yaml", *[a for s in sets for a in ("--set", s)], env=env)
+    outputs.append(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for args in (("generate", str(run), "--prompt", "hello", "--max-new-tokens", "4"),
+                 ("merge", str(run), "--prompt", "hello")):
+        proc = effine(*args, env=env)
+        outputs.append(proc.stdout + proc.stderr)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "merged" / "config.json").is_file()
+    assert any((run / "checkpoints").iterdir())
+    # The search finds what is there (the model path is written into the run's config) ...
+    assert "config.yaml" in _files_containing(run, str(tiny_llama_dir).encode())
+    # ... and the token is nowhere.
+    needle = canary.encode()
+    assert _files_containing(run, needle) == [] and _files_containing(tmp_path / "cache", needle) == []
+    assert not [o for o in outputs if canary in o]
