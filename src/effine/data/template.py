@@ -79,6 +79,12 @@ def resolve_chat_template(tokenizer: Any, override: str | None) -> ChatTemplate:
                     "existing .jinja file, nor a Jinja string — fix the value or leave it unset")
 
 
+def unsafe_template(description: str, e: Exception) -> DataError:
+    """A template that reached for Python internals (``__class__``, ``__globals__``): the sandbox stopped it."""
+    return DataError(f"{description}: the template tried something Jinja's sandbox forbids ({e}) — chat templates "
+                     "may only format messages; remove that expression or use data.chat_template: chatml")
+
+
 def adds_bos(tokenizer: Any) -> bool:
     """Whether the tokenizer puts a BOS in front of plain text by default (Llama, Gemma: yes; SmolLM2: no)."""
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -190,10 +196,13 @@ class Encoder:
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False, where: str = "") -> str:
         """Render messages as text with the resolved template (in transformers' Jinja sandbox)."""
         import jinja2  # transformers renders with Jinja; its errors are what a bad template raises
+        import jinja2.sandbox
 
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=self.template.source,
                                                       add_generation_prompt=add_generation_prompt)
+        except jinja2.sandbox.SecurityError as e:  # transformers renders in Jinja's ImmutableSandboxedEnvironment
+            raise unsafe_template(self.template.description, e) from None
         except jinja2.TemplateSyntaxError as e:
             raise DataError(f"{self.template.description}: invalid Jinja ({e.message}, template line {e.lineno}) "
                             "— fix the template or set data.chat_template: chatml") from None

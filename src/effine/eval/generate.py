@@ -38,7 +38,14 @@ def prompt_ids_for(tokenizer, prompt: str, chat: bool = True, system_prompt: str
         msgs.append({"role": "user", "content": prompt})
         render = lambda ms: tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=True,  # noqa: E731
                                                           chat_template=template)
-        text = render(msgs)
+        import jinja2.sandbox
+
+        try:
+            text = render(msgs)
+        except jinja2.sandbox.SecurityError as e:
+            from effine.data.template import unsafe_template
+
+            raise unsafe_template("the chat template", e) from None
         controls = ControlTokens(tokenizer)
         ids, _ = controls.tokenize(text, controls.forged_ranges(msgs, text, render, "prompt"))
         bos = tokenizer.bos_token_id
