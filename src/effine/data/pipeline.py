@@ -32,6 +32,7 @@ no assistant turn (train_on != all)         dropped: ``no assistant turn``
 conversation ending in a user turn          kept; the trailing user turn is context, untrained
 consecutive same-role turns                 kept as written; dropped if the chat template rejects them
 special-token text in a message             kept, encoded as plain text (:mod:`effine.data.literals`)
+special-token text in text / prompt rows    kept as control tokens: such rows are raw model text (pre-rendered)
 longer than data.max_length                 data.overlength: truncate / drop / error (drops here are not bad)
 ==========================================  ====================================================================
 
