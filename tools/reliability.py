@@ -73,7 +73,8 @@ class Case:
 CASES = [
     Case("malformed JSONL line", "bad.jsonl", _jsonl(_chat(1), b'{"messages": [', _chat(2)), "error",
          "bad.jsonl:2: invalid JSON"),
-    Case("malformed JSON document", "bad.json", b'[{"messages": []},\n  {oops}\n]', "error", "bad.json:2: invalid JSON"),
+    Case("malformed JSON document", "bad.json", b'[{"messages": []},\n  {oops}\n]', "error",
+         "bad.json:2: invalid JSON"),
     Case("CSV with an unclosed quote", "bad.csv", b'prompt,completion\n"hi,there\nx,y\n', "error",
          "bad.csv:2: 1 fields but the header has 2 (prompt, completion) (an unclosed quote"),
     Case("corrupt Parquet", "bad.parquet", _parquet, "error", "bad.parquet: cannot read as Parquet"),
