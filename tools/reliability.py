@@ -53,6 +53,14 @@ def _huge_line(path: Path) -> None:
         f.write(b'"}, {"role": "assistant", "content": "x"}]}\n' + GOOD)
 
 
+def _huge_csv_field(path: Path) -> None:
+    with path.open("wb") as f:
+        f.write(b'prompt,completion\nhi,"')
+        for _ in range(17):
+            f.write(b"b" * (1 << 20))
+        f.write(b'"\n')
+
+
 def _parquet(path: Path) -> None:
     path.write_bytes(b"PAR1" + bytes(range(256)) * 4)  # the magic, then garbage
 
@@ -88,6 +96,8 @@ CASES = [
     Case("NUL character inside a text", "nul.jsonl", GOOD + _jsonl(_msg(("user", "a\x00b"), ("assistant", "c"))),
          "dropped", "nul.jsonl:4: NUL character in text"),
     Case("50 MB single line", "huge.jsonl", _huge_line, "dropped", "huge.jsonl:1: line longer than 16 MiB"),
+    Case("17 MB CSV field", "huge.csv", _huge_csv_field, "error",
+         "huge.csv:2: a field longer than 16 Mi characters (or an unclosed quote) — remove or split that row"),
     Case("empty file", "empty.jsonl", b"", "error", "empty.jsonl: no rows — the file is empty"),
     Case("missing field (a turn without role)", "bad.jsonl", _jsonl({"messages": [{"content": "hi"}]}), "error",
          "bad.jsonl:1: messages[0].role: missing"),

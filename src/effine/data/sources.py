@@ -157,6 +157,9 @@ def _read_csv(p: Path, name: str) -> Iterator[Row]:
             raise DataError(f"{name}:{reader.line_num + 1}: not valid UTF-8 ({e.reason}) — save the file as UTF-8"
                             ) from None
         except csv.Error as e:
+            if "field larger than field limit" in str(e):
+                raise DataError(f"{name}:{reader.line_num}: a field longer than {MAX_LINE_BYTES >> 20} Mi "
+                                "characters (or an unclosed quote) — remove or split that row") from None
             raise DataError(f"{name}:{reader.line_num}: malformed CSV ({e}) — fix the quoting on this line"
                             ) from None
 
