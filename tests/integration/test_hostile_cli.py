@@ -53,9 +53,13 @@ def fake_hub():
 
 
 def test_plan_with_an_unreachable_hub_id_is_a_clear_error(fake_hub, tmp_path):
-    env = {"HF_ENDPOINT": fake_hub, "HF_HUB_CACHE": str(tmp_path / "hf"), "EFFINE_CACHE": str(tmp_path / "cache")}
+    canary = f"hf_canary_{secrets.token_hex(12)}"
+    env = {"HF_ENDPOINT": fake_hub, "HF_HUB_CACHE": str(tmp_path / "hf"), "EFFINE_CACHE": str(tmp_path / "cache"),
+           "HF_TOKEN": canary}
     proc = effine("plan", "configs/smollm2-135m-lora.yaml", "--set", "model.name=someorg/no-such-model", env=env)
     assert proc.returncode == 2, proc.stderr
+    assert any(canary in h.get("authorization", h.get("Authorization", "")) for h in _NotFound.seen)  # it was sent
+    assert canary not in proc.stdout + proc.stderr  # ... and never printed
     assert "model.name: cannot download 'someorg/no-such-model' from the Hugging Face Hub" in proc.stderr
     assert "hf download someorg/no-such-model --local-dir DIR" in proc.stderr
     assert "Traceback" not in proc.stderr
