@@ -149,6 +149,9 @@ def ptq_export(
     if out.resolve() == model_dir.resolve():
         raise ConfigError("ptq: out_dir must differ from model_dir.")
 
+    from effine.model.loader import check_shard_index
+
+    check_shard_index(model_dir)
     # transformers does the key renaming and tying for any architecture; "auto" keeps the stored dtype.
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)

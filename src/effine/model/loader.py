@@ -87,18 +87,55 @@ def _download_hub(repo_id: str, revision: str | None, cache: Path) -> Path:
             allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"],
         )
     except Exception as e:  # offline, 401/404, ...: the message must say how to get the model locally
-        reason = type(e).__name__ + (f": {str(e).splitlines()[0][:200]}" if str(e) else "")
-        raise ModelError(
-            f"model.name: cannot download '{repo_id}' from the Hugging Face Hub ({reason}).\n"
-            f"  If this machine is offline, download the model elsewhere (`hf download {repo_id} --local-dir DIR`),\n"
-            f"  copy DIR here and set model.name to that directory; or use a .gguf file, or one of the packaged\n"
-            f"  models: {', '.join(PACKAGED_MODELS)}. For gated models set HF_TOKEN in the environment."
-        ) from None
+        raise hub_error(repo_id, e) from None
     return Path(path)
 
 
+def hub_error(repo_id: str, e: Exception | None = None) -> ModelError:
+    """The error for a hub id that cannot be fetched (offline, 401/404): how to get the model locally instead."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        return ModelError(f"model.name: '{repo_id}' is neither a packaged model ({', '.join(PACKAGED_MODELS)}), an "
+                          "existing path, a .gguf file, nor a hub id of the form org/name.")
+    reason = type(e).__name__ + (f": {str(e).splitlines()[0][:200]}" if str(e) else "") if e else "unreachable"
+    return ModelError(
+        f"model.name: cannot download '{repo_id}' from the Hugging Face Hub ({reason}).\n"
+        f"  If this machine is offline, download the model elsewhere (`hf download {repo_id} --local-dir DIR`),\n"
+        f"  copy DIR here and set model.name to that directory; or use a .gguf file, or one of the packaged\n"
+        f"  models: {', '.join(PACKAGED_MODELS)}. For gated models set HF_TOKEN in the environment.")
+
+
+def check_shard_index(model_dir: Path) -> None:
+    """Every shard a ``*.safetensors.index.json`` names must be a file inside ``model_dir``.
+
+    transformers joins the index's ``weight_map`` values onto the model dir as they are, so a crafted index
+    (``../../somewhere/else.safetensors``, ``/abs/path``) would make it read files outside the model. (Files *in*
+    the dir may be symlinks: the Hub cache links them to its blob store.)
+    """
+    for index in sorted(model_dir.glob("*.safetensors.index.json")):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = list(weight_map.items())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelError(f"{index}: not a valid shard index ({type(e).__name__}: {e}) — re-download or "
+                             "re-save the model") from None
+        for tensor, shard in shards:
+            parts = Path(str(shard)).parts
+            if (not isinstance(shard, str) or not shard or Path(shard).is_absolute() or ".." in parts
+                    or "\\" in shard or ":" in shard):
+                raise ModelError(f"{index}: weight_map[{tensor!r}] = {shard!r} points outside the model dir; a "
+                                 "shard index may only name files inside it — this model dir is damaged or "
+                                 "crafted: re-download it from a source you trust")
+
+
 def resolve_model_dir(name: str, cache_dir: str | None = None, revision: str | None = None) -> Path:
-    """Turn a model spec into a local model dir, converting or downloading as needed (cached)."""
+    """Turn a model spec into a local model dir, converting or downloading as needed (cached); a local or
+    downloaded dir's shard index is checked (:func:`check_shard_index`)."""
+    out = _resolve_model_dir(name, cache_dir, revision)
+    check_shard_index(out)
+    return out
+
+
+def _resolve_model_dir(name: str, cache_dir: str | None, revision: str | None) -> Path:
     cache = cache_root(cache_dir)
     if name in PACKAGED_MODELS:
         out = cache / "models" / name
@@ -173,6 +210,7 @@ def load_model(model_dir: Path, dtype: str = "bf16", attn: str = "sdpa", trust_r
     if not has_st:
         raise ModelError(f"{model_dir}: no *.safetensors weights. effine does not load pickled .bin checkpoints "
                          "(they can run arbitrary code); convert them to safetensors first.")
+    check_shard_index(model_dir)
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=DTYPES[dtype], attn_implementation=attn, use_safetensors=True,
         trust_remote_code=trust_remote_code,

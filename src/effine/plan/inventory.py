@@ -211,6 +211,10 @@ def _model_config(cfg: Config):
         return AutoConfig.from_pretrained(str(path), trust_remote_code=trust), path, None
     if gguf is not None:
         return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), None, 4
+    if name.count("/") != 1 or name.startswith((".", "/")):  # not a hub id either: say so before any download
+        from effine.model.loader import hub_error
+
+        raise hub_error(name)
     local = None
     try:  # a hub model already downloaded by an earlier run: its safetensors give the exact file size
         from huggingface_hub import snapshot_download
@@ -221,8 +225,13 @@ def _model_config(cfg: Config):
         local = None
     if local is not None and _is_model_dir(local):
         return AutoConfig.from_pretrained(str(local), trust_remote_code=trust), local, None
-    return AutoConfig.from_pretrained(name, revision=cfg.model.revision, cache_dir=str(cache / "hub"),
-                                      trust_remote_code=trust), None, None
+    try:
+        return AutoConfig.from_pretrained(name, revision=cfg.model.revision, cache_dir=str(cache / "hub"),
+                                          trust_remote_code=trust), None, None
+    except Exception as e:  # offline, 401/404, not a hub id: the same clear message as `effine train` gives
+        from effine.model.loader import hub_error
+
+        raise hub_error(name, e) from None
 
 
 def _checkpoint_bytes(model_dir: Path | None, n_params: int, config, per_weight: int | None = None

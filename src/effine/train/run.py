@@ -127,7 +127,7 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
         train_set = pack_examples(train_set, cfg.data.max_length)
         log(f"packed into {len(train_set):,} rows of <= {cfg.data.max_length} tokens "
             f"({100 * packing_efficiency(train_set, cfg.data.max_length):.1f}% filled)")
-    (run_dir / "data_report.txt").write_text(report.format())
+    (run_dir / "data_report.txt").write_text(report.full())
     log(report.format())
     if not train_set:
         raise ConfigError(f"data.path: no usable training rows in {cfg.data.path} (see {run_dir}/data_report.txt).")
