@@ -57,7 +57,6 @@ def resolve_run_dir(cfg: Config) -> Path:
 def prepare_model(cfg: Config, model_dir: Path, log) -> torch.nn.Module:
     """Load the base, quantize frozen weights if asked, and make only the trained parameters require grad."""
     from effine.ops.attention import enable as enable_attention
-    from effine.ops.attention import select_backend
 
     from effine.quant import check_quant_settings
 
@@ -65,9 +64,9 @@ def prepare_model(cfg: Config, model_dir: Path, log) -> torch.nn.Module:
     device = resolve_device(cfg.model.device)
     model = load_model(model_dir, cfg.model.dtype, attn="sdpa", trust_remote_code=cfg.model.trust_remote_code,
                        device=device)
-    enable_attention(model, None if cfg.model.attn == "auto" else cfg.model.attn)
+    backend = enable_attention(model, None if cfg.model.attn == "auto" else cfg.model.attn)
     log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    log(f"attention: effine backend '{select_backend(device, dtype=model.dtype)}' "
+    log(f"attention: effine backend '{backend}' "
         f"(model.attn={cfg.model.attn}; packed rows keep attention within each document)")
     if cfg.quant.method != "none":
         from effine.quant import quantize_model
