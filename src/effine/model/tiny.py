@@ -13,6 +13,10 @@ its weights. A tiny model keeps the architecture and shrinks every dimension:
 Family notes: ``gemma3`` is the text-only ``Gemma3ForCausalLM`` (model_type ``gemma3_text``); ``phi`` is Phi-2's
 ``PhiForCausalLM``; ``falcon`` uses the new decoder architecture (Falcon-40B/180B style: grouped key/value heads,
 parallel attention and MLP, separate layer norms) with rotary embeddings and no biases.
+
+``VARIANTS`` switch on one feature of a family each (Llama 3 rope scaling, Mistral's sliding window, Gemma 2's
+soft-capping, Granite's multipliers, Falcon-7B's multi-query layout); ``shrink_hub_config`` turns a hub
+``config.json`` into a tiny config of the same architecture (tests of the shipped configs).
 """
 
 from __future__ import annotations
