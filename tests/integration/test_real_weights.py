@@ -65,5 +65,4 @@ def test_short_gemma3_run_lowers_eval_loss(tmp_path) -> None:
         "data.max_eval_rows=6", "train.lr=1e-3", "train.warmup_steps=1", "eval.max_new_tokens=4",
         "eval.prompts_from_eval=0", "eval.prompts=[]", "train.eval_every=null", "data.limit=120"])
     summary = run_training(cfg)
-    print("gemma3 eval loss", summary["eval_before"]["eval_loss"], "->", summary["eval_after"]["eval_loss"])
     assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"] - 0.05, summary

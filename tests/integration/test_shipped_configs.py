@@ -89,3 +89,17 @@ def test_one_optimizer_step_on_a_tiny_model_of_the_same_architecture(path, tmp_p
     opt.step()
     assert math.isfinite(total.item()) and abs(total.item() / n - math.log(256)) < 1.5
     assert any(not torch.equal(b, p.detach()) for b, (_, p) in zip(before, trainable))
+
+
+def test_config_list_shows_every_shipped_config(capsys) -> None:
+    from effine.cli import main
+
+    assert main(["config", "list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:5] == ["config", "model", "method", "sized", "for"]
+    rows = {line.split()[0]: line.split() for line in out[1:]}
+    assert set(rows) == {p.name for p in CONFIGS}
+    zephyr = rows["zephyr-7b-beta-qlora.yaml"]
+    e = entry(next(p for p in CONFIGS if p.name == "zephyr-7b-beta-qlora.yaml"))
+    assert zephyr[1:4] == ["HuggingFaceH4/zephyr-7b-beta", "qlora-nf4", "24"] and zephyr[6] == f"{e.peak_gib:.2f}"
+    assert f"{e.peak_gib:.2f} GiB" in e.path.read_text()  # the header quotes the same number
