@@ -273,8 +273,8 @@ def _log_unknown(model: nn.Module) -> None:
                     if type(m).__name__.endswith(("RMSNorm", "MLP")) and not isinstance(m, (RMSNorm, GatedMLP))
                     and type(m).__name__ not in NORM_CLASSES and type(m).__name__ not in GATED_MLP_CLASSES})
     if names:
-        logging.getLogger(__name__).info("fused ops: no fused kernel checked for %s; left as the plain modules",
-                                         ", ".join(names))
+        logging.getLogger(__name__).warning(
+            "fused ops: no fused kernel checked for %s; left as the plain modules", ", ".join(names))
 
 
 def unfuse_model(model: nn.Module) -> int:
