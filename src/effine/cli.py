@@ -7,7 +7,7 @@
     effine ptq MODEL_DIR --out DIR [--bits 4] [--group-size 128]
     effine push RUN_DIR --repo user/name [--what adapter|merged|gguf] [--private] [--revision BRANCH] [--dry-run]
     effine plan CONFIG [--set ...] [--gpu 80]
-    effine config keys | effine config show CONFIG [--set ...]
+    effine config keys | effine config show CONFIG [--set ...] | effine config list [DIR]
 
 Every user error (bad config key, malformed data row, missing model) prints one clear message and exits 2.
 """
@@ -120,11 +120,35 @@ def cmd_config(args: argparse.Namespace) -> int:
         for path, default, help_ in describe():
             print(f"{path:28s} {default:24s} {help_}")
         return 0
+    if args.action == "list":
+        return _config_list(args.config)
     if not args.config:
         raise EffineError("effine config show: give a CONFIG file.")
     import yaml
 
     print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _config_list(directory: str | None) -> int:
+    """Every shipped config: model, method, the hardware it is sized for, and effine plan's GPU peak."""
+    from pathlib import Path
+
+    from effine.plan.config_headers import GPUS, entry, shipped_configs
+
+    paths = shipped_configs(Path(directory) if directory else None)
+    if not paths:
+        raise EffineError(f"effine config list: no *.yaml configs in {directory or 'configs/'}.")
+    print(f"{'config':28s} {'model':34s} {'method':13s} {'sized for':10s} {'peak GiB':>8s}  "
+          + " ".join(f"{g} GB" for g in GPUS))
+    for p in paths:
+        try:
+            e = entry(p)
+        except EffineError as err:  # one unplannable config does not hide the others
+            print(f"{p.name:28s} cannot plan: {str(err).splitlines()[0]}")
+            continue
+        print(f"{p.name:28s} {e.model:34s} {e.method:13s} {e.sized_for:10s} {e.peak_gib:8.2f}  "
+              + " ".join(f"{'yes' if e.fits(g) else 'no':>5s}" for g in GPUS))
     return 0
 
 
@@ -211,11 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", help="GPU memory in GB (e.g. 80) or a name (h100, a100-40, rtx4090); default: CPU")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("config", help="list config keys, or show a resolved config",
+    p = sub.add_parser("config", help="list config keys or shipped configs, or show a resolved config",
                        description="`effine config keys` lists every key with its default and help; "
-                       "`effine config show CONFIG [--set ...]` prints the resolved config.")
-    p.add_argument("action", choices=["keys", "show"])
-    p.add_argument("config", nargs="?", help="config file (for show)")
+                       "`effine config show CONFIG [--set ...]` prints the resolved config; `effine config list "
+                       "[DIR]` shows every shipped config (configs/) with model, method, the hardware it is sized "
+                       "for and effine plan's predicted peak GPU memory.")
+    p.add_argument("action", choices=["keys", "show", "list"])
+    p.add_argument("config", nargs="?", help="config file (for show); configs directory (for list)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config value")
     p.set_defaults(func=cmd_config)

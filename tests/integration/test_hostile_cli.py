@@ -65,7 +65,7 @@ def test_plan_with_an_unreachable_hub_id_is_a_clear_error(fake_hub, tmp_path):
     assert "Traceback" not in proc.stderr
     from effine.config import load_config
     from effine.errors import ModelError
-    from effine.train.memory import plan_memory
+    from effine.plan.memory import plan_memory
 
     with pytest.raises(ModelError, match="'no-such-model' is neither a packaged model"):  # no download tried
         plan_memory(load_config(None, ["model.name=no-such-model"]))

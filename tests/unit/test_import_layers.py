@@ -3,9 +3,10 @@
     0  effine, errors                           the version, the error types
     1  system, config, dtypes, module_tree      process facts (allocator, memory, cache dir), settings, dtype
                                                 table, the module-swap layer
-    2  data, quant, ops                         tokens, number formats, kernels
-    3  model                                    loading base models
-    4  adapters                                 LoRA on a model
+    2  data, quant                              tokens, number formats
+    3  model                                    loading base models, what effine knows of each family
+    4  ops, adapters                            kernels and the loss (which reads the family's logit transform),
+                                                LoRA on a model
     5  recipe                                   build_model(recipe): model + quant + adapters + ops
     6  eval, export, train (the engine)         loss/generation, merge/PTQ/GGUF, loop/step/optimizer/checkpoints
     7  plan                                     memory prediction and measurement (measures the engine)
@@ -25,9 +26,9 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "effine"
 LAYERS: dict[str, int] = {
     "effine": 0, "effine.errors": 0,
     "effine.system": 1, "effine.config": 1, "effine.dtypes": 1, "effine.module_tree": 1,
-    "effine.data": 2, "effine.quant": 2, "effine.ops": 2,
+    "effine.data": 2, "effine.quant": 2,
     "effine.model": 3,
-    "effine.adapters": 4,
+    "effine.ops": 4, "effine.adapters": 4,
     "effine.recipe": 5,
     "effine.eval": 6, "effine.export": 6, "effine.train": 6,
     "effine.plan": 7,

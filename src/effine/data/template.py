@@ -115,6 +115,26 @@ def trained_length(turn: str, content: str) -> int:
     return len(turn.rstrip())
 
 
+def _find_closed_turn(full: str, cursor: int, prefix: str, turn: str, content: str) -> tuple[int, str]:
+    """(start, turn text) of an assistant turn whose lone render carries text that only closes a conversation.
+
+    Phi-3's template appends ``eos_token`` after the last message: rendered alone, a turn reads ``content<|end|>
+    \n<|endoftext|>``, in the middle of the full render only ``content<|end|>\n``. The turn is then content plus
+    its end marker (up to the first whitespace after the content), found in order right after the text that
+    precedes it in ``prefix`` (its last 32 characters: the generation prompt and the end of the previous turn).
+    (-1, turn) when that fails too.
+    """
+    k = turn.rfind(content)
+    if k < 0:
+        return -1, turn
+    after = turn[k + len(content):]
+    marker = after[: len(after) - len(after.lstrip())] + after.lstrip().split(maxsplit=1)[0] if after.strip() else ""
+    short = turn[: k + len(content)] + marker
+    anchor = prefix[-32:]
+    pos = full.find(anchor + short, max(0, cursor - len(anchor)))
+    return (pos + len(anchor), short) if pos >= 0 else (-1, turn)
+
+
 _UNSET = object()
 VERIFY_ROWS = 16  # conversations whose fast spans are checked against the exact method
 
@@ -265,6 +285,8 @@ class Encoder:
                 # History renders differently from the last turn (e.g. reasoning stripped from old turns):
                 # find this turn's exact text, in order, in the full render.
                 start = full.find(turn, cursor)
+                if start < 0:
+                    start, turn = _find_closed_turn(full, cursor, prefix, turn, messages[i]["content"])
                 if start < 0:
                     raise self._unlocatable(where, i, "the full render does not contain the turn as rendered alone")
                 if not self._announced_search:

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 import weakref
 from collections.abc import Iterator
@@ -557,6 +558,14 @@ def enable(model, backend: str | None = None) -> str:
     """
     register()
     set_backend(None if backend in (None, "auto") else backend)
+    if not getattr(model, "_supports_attention_backend", False):
+        # e.g. Falcon: its attention does not go through AttentionInterface, so set_attn_implementation would
+        # only log and the model would keep its own attention. Say so instead of claiming an effine backend.
+        current = getattr(model.config, "_attn_implementation", None) or "eager"
+        logging.getLogger(__name__).warning(
+            "attention: %s does not dispatch through transformers' AttentionInterface; it keeps its own %r "
+            "attention (effine's backend is not used)", type(model).__name__, current)
+        return f"{current} (model's own)"
     model.set_attn_implementation(NAME)
     p = next(model.parameters(), None)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

@@ -33,6 +33,7 @@ token, twice per layer (SmolLM2-135M: 2 x 576 x 2 bytes of ~29 KB per token and 
 from __future__ import annotations
 
 import functools
+import logging
 import weakref
 from collections.abc import Callable
 
@@ -62,10 +63,16 @@ NORM_CLASSES: dict[str, tuple[float, bool]] = {
     "GemmaRMSNorm": (1.0, False),
     "Gemma2RMSNorm": (1.0, False),
     "Gemma3RMSNorm": (1.0, False),
+    "Qwen3RMSNorm": (0.0, True),
+    "Phi3RMSNorm": (0.0, True),
+    "GraniteRMSNorm": (0.0, True),
+    "SmolLM3RMSNorm": (0.0, True),
+    "Olmo2RMSNorm": (0.0, False),  # (w * xhat.float()).to(dtype): the weight multiplies before the cast
 }
 
 # Classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``.
-GATED_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP"})
+GATED_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP",
+                               "Qwen3MLP", "GraniteMLP", "SmolLM3MLP", "Olmo2MLP"})
 
 
 class RMSNorm(nn.Module):
@@ -252,7 +259,18 @@ def fuse_model(model: nn.Module, recompute: bool = True, recompute_norms: bool |
             counts["gated_mlp"] += 1
     for parent in norm_parents.values():
         _hook_norm_consumers(parent)
+    _log_unknown(model)
     return counts
+
+
+def _log_unknown(model: nn.Module) -> None:
+    """Log the norm / MLP classes that look fusable but are not in the tables: they stay plain (correct, slower)."""
+    names = sorted({type(m).__name__ for m in model.modules()
+                    if type(m).__name__.endswith(("RMSNorm", "MLP")) and not isinstance(m, (RMSNorm, GatedMLP))
+                    and type(m).__name__ not in NORM_CLASSES and type(m).__name__ not in GATED_MLP_CLASSES})
+    if names:
+        logging.getLogger(__name__).warning(
+            "fused ops: no fused kernel checked for %s; left as the plain modules", ", ".join(names))
 
 
 def unfuse_model(model: nn.Module) -> int:

@@ -225,6 +225,11 @@ def _model_config(cfg: Config):
         local = None
     if local is not None and _is_model_dir(local):
         return AutoConfig.from_pretrained(str(local), trust_remote_code=trust), local, None
+    from effine.model.hub_configs import shipped_config_dir
+
+    shipped = shipped_config_dir(name)  # effine's copy of the hub config.json: the same plan offline and online
+    if shipped is not None:
+        return AutoConfig.from_pretrained(str(shipped)), None, None
     try:
         return AutoConfig.from_pretrained(name, revision=cfg.model.revision, cache_dir=str(cache / "hub"),
                                           trust_remote_code=trust), None, None

@@ -61,11 +61,11 @@ def build_model(recipe: ModelRecipe, *, train: bool = True, model_dir: Path | No
 
 
 def _enable_attention(model: nn.Module, recipe: ModelRecipe, device: torch.device, log: Log) -> None:
-    from effine.ops.attention import enable, select_backend
+    from effine.ops.attention import enable
 
-    enable(model, None if recipe.attn == "auto" else recipe.attn)
+    backend = enable(model, None if recipe.attn == "auto" else recipe.attn)
     log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    log(f"attention: effine backend '{select_backend(device, dtype=model.dtype)}' "
+    log(f"attention: effine backend '{backend}' "
         f"(model.attn={recipe.attn}; packed rows keep attention within each document)")
 
 
