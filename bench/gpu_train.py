@@ -82,8 +82,7 @@ def batch_for(cfg, bsz: int, seq: int, device: str) -> dict:
     labels[:, : seq // 2] = -100
     return {"input_ids": ids.to(device), "labels": labels.to(device),
             "attention_mask": torch.ones_like(ids).to(device),
-            "position_ids": torch.arange(seq).expand(bsz, seq).contiguous().to(device),
-            "doc_lengths": [[seq]] * bsz}
+            "position_ids": torch.arange(seq).expand(bsz, seq).contiguous().to(device)}
 
 
 def run_variant(variant: str, name: str, args, device: str) -> dict:

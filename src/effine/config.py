@@ -132,6 +132,8 @@ class TrainConfig:
     save_every: int | None = _f(None, "Checkpoint every N optimizer steps (unset: only at the end).", min=1)
     threads: int | None = _f(None, "CPU threads for torch (unset: all cores).", min=1)
     loss_impl: Literal["chunked", "reference"] = _f("chunked", "Loss kernel: chunked never builds full logits.")
+    loss_chunk_mb: int = _f(128, "Chunked loss: MiB of logits computed at a time (rows per chunk = this / (vocab x "
+                            "dtype bytes)); smaller saves memory on large vocabularies, larger has fewer chunks.", min=1)
 
 
 @dataclass

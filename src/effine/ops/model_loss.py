@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from effine.model.families import logit_transform
-from effine.ops.loss import next_token_loss
+from effine.ops.loss import default_chunk_size, next_token_loss
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()
@@ -45,7 +45,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def loss_sum(model: nn.Module, batch: dict, impl: str = "chunked") -> tuple[torch.Tensor, int]:
+def loss_sum(model: nn.Module, batch: dict, impl: str = "chunked", chunk_bytes: int | None = None
+             ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over supervised tokens, and their count."""
     batch = to_device(batch, model.get_input_embeddings().weight.device)
     labels = batch["labels"]
@@ -58,7 +59,9 @@ def loss_sum(model: nn.Module, batch: dict, impl: str = "chunked") -> tuple[torc
     if isinstance(head, nn.Linear) and head.bias is None:
         if scale != 1.0:  # lm_head(h) * s == lm_head(h * s) without a bias (Granite: s = 1 / logits_scaling)
             hidden = hidden * scale
-        loss, n = next_token_loss(hidden, head.weight, labels, impl=impl, softcap=softcap)
+        chunk = default_chunk_size(head.weight.shape[0], chunk_bytes, head.weight.element_size()) if chunk_bytes \
+            else None
+        loss, n = next_token_loss(hidden, head.weight, labels, impl=impl, softcap=softcap, chunk_size=chunk)
         return loss, int(n)
     # An adapted or biased head: project only the supervised positions through the module itself.
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -108,23 +107,22 @@ class RMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset:g}"
 
 
-# id(output) -> (weak reference to the output, how to recompute it, from what). An entry dies with its output.
-_NORM_OUTPUTS: dict[int, tuple[weakref.ref, Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]] = {}
+_RECOMPUTE_ATTR = "_effine_recompute_from"  # on a fused norm's output: (how to recompute it, from what)
 
 
 def _remember_output(y: torch.Tensor, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> None:
-    key = id(y)
-    _NORM_OUTPUTS[key] = (weakref.ref(y, lambda _ref, k=key: _NORM_OUTPUTS.pop(k, None)), fn, inputs)
+    # Kept on the output tensor itself, so it lives and dies with it (no process-wide table keyed on id()).
+    setattr(y, _RECOMPUTE_ATTR, (fn, inputs))
 
 
 def _enter_recompute(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook: when the module's hidden-state input is a remembered norm output, run the module under
     :func:`recompute_saved` for it (the post-hook leaves the context)."""
     t = args[0] if args else kwargs.get("hidden_states")
-    entry = _NORM_OUTPUTS.get(id(t)) if isinstance(t, torch.Tensor) else None
+    entry = getattr(t, _RECOMPUTE_ATTR, None) if isinstance(t, torch.Tensor) else None
     cm = None
-    if entry is not None and entry[0]() is t:
-        cm = recompute_saved(t, entry[1], *entry[2])
+    if entry is not None:
+        cm = recompute_saved(t, entry[0], *entry[1])
         cm.__enter__()
     module.__dict__.setdefault("_effine_recompute", []).append(cm)
 

@@ -66,7 +66,8 @@ def _measure_worker() -> None:
             ids = torch.randint(0, V, (B, T), generator=g)
             window.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
                            "position_ids": torch.arange(T).expand(B, T)})
-        train_step(model, optimizer, window, cfg.train.lr, cfg.train.max_grad_norm, params, cfg.train.loss_impl)
+        train_step(model, optimizer, window, cfg.train.lr, cfg.train.max_grad_norm, params, cfg.train.loss_impl,
+                   cfg.train.loss_chunk_mb * 2**20)
         step_s.append(time.perf_counter() - t)
         step_peaks.append(status_bytes("VmHWM") - baseline)
     train_hwm = status_bytes("VmHWM") if can_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

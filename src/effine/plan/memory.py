@@ -91,7 +91,6 @@ ALLOC_CPU_FACTOR_JEMALLOC = 0.15  # the same under jemalloc as effine train conf
 ALLOC_CPU_FIXED = 0  # bytes
 ALLOC_GPU_FACTOR = 0.10  # assumption: CUDA caching-allocator fragmentation on the transient bytes
 BWD_WORKSPACE_PER_I = 4  # backward of one layer: ~(BWD_WORKSPACE_PER_I * b) * I + 12 * H bytes per token
-LOSS_CHUNK_BYTES = None  # None: effine.ops.loss.DEFAULT_CHUNK_BYTES
 
 # Usable memory of common accelerators, GiB (what the driver reports as total).
 GPU_SIZES: dict[str, float] = {
@@ -390,9 +389,9 @@ def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | N
     H, V, I = inv.H, inv.V, inv.mlp_I
 
     # loss (effine.ops.loss): forward peak of the fused chunked loss
-    from effine.ops.loss import DEFAULT_CHUNK_BYTES, SCRATCH_BYTES, default_chunk_size
+    from effine.ops.loss import SCRATCH_BYTES, default_chunk_size
 
-    chunk = min(n, default_chunk_size(V, LOSS_CHUNK_BYTES or DEFAULT_CHUNK_BYTES, itemsize=b))
+    chunk = min(n, default_chunk_size(V, cfg.train.loss_chunk_mb * 2**20, itemsize=b))
     ws = chunk * V * b + min(chunk * V * 4, max(SCRATCH_BYTES, chunk * 1024 * 4))  # logits + fp32 column block
     loss_saved = n * H * b  # dL/dh, kept until backward
     loss_fwd = ws + N * H * b + 2 * n * H * b

@@ -63,6 +63,15 @@ class AdapterSpec:
     target_modules: tuple[str, ...] | None = None  # suffix rule; None: every attention/MLP linear
 
 
+def _spec(cls, section):
+    """A frozen spec from a config section: the fields both have, lists as tuples."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in dataclasses.asdict(section).items() if k in names}
+    if "skip_modules" in values and values["skip_modules"] is None:
+        values["skip_modules"] = ()
+    return cls(**values)
+
+
 @dataclass(frozen=True)
 class ModelRecipe:
     base: str  # what the user named: short name, model dir, .gguf file or hub id
@@ -81,14 +90,16 @@ class ModelRecipe:
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, cfg) -> "ModelRecipe":
-        """The recipe of a training config (:class:`effine.config.Config`)."""
-        m, q, a = cfg.model, cfg.quant, cfg.adapter
+        """The recipe of a training config (:class:`effine.config.Config`).
+
+        The ``quant`` and ``adapter`` specs take every field of the config section with the same name, so a new
+        quantization option is a field of ``QuantConfig`` (its help and validation) and of :class:`QuantSpec` (what
+        is recorded), and its use in :func:`effine.recipe.build_model`; nothing else maps it.
+        """
+        m = cfg.model
         return cls(base=m.name, revision=m.revision, trust_remote_code=m.trust_remote_code, cache_dir=m.cache_dir,
                    dtype=m.dtype, device=m.device, attn=m.attn,
-                   quant=QuantSpec(q.method, q.group_size, q.blocksize, q.double_quant, tuple(q.skip_modules or ()),
-                                   q.qat_bits),
-                   adapter=AdapterSpec(a.method, a.r, a.alpha, a.dropout, a.rslora,
-                                       tuple(a.target_modules) if a.target_modules else None),
+                   quant=_spec(QuantSpec, cfg.quant), adapter=_spec(AdapterSpec, cfg.adapter),
                    fused_ops=m.fused_ops, recompute_norm_outputs=m.recompute_norm_outputs,
                    gradient_checkpointing=m.gradient_checkpointing)
 

@@ -87,7 +87,7 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
             window = [next(batches) for _ in range(cfg.grad_accum)]
             lr = lr_at(state.step, cfg, total)
             res = train_step(model, optimizer, [b for _, _, b in window], lr, cfg.max_grad_norm, trainable,
-                             cfg.loss_impl)
+                             cfg.loss_impl, cfg.loss_chunk_mb * 2**20)
             step_loss, n_sup, grad_norm = res.loss_sum, res.supervised, res.grad_norm
 
             last_epoch, last_index, _ = window[-1]

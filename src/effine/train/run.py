@@ -142,7 +142,8 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     def run_eval(step: int) -> dict | None:
         if not eval_set:  # data.eval_fraction: 0 and no eval_path: nothing to measure (never a loss of nan)
             return None
-        res = evaluate(model, eval_set, eval_bs, pad_id, cfg.eval.max_batches, impl=cfg.train.loss_impl)
+        res = evaluate(model, eval_set, eval_bs, pad_id, cfg.eval.max_batches, impl=cfg.train.loss_impl,
+                       chunk_bytes=cfg.train.loss_chunk_mb * 2**20)
         metrics.write("eval", step=step, **res)
         return res
 

@@ -32,7 +32,8 @@ class StepResult:
         return self.loss_sum / max(self.supervised, 1)
 
 
-def backward_window(model: torch.nn.Module, batches: list[dict], impl: str = "chunked") -> tuple[float, int]:
+def backward_window(model: torch.nn.Module, batches: list[dict], impl: str = "chunked",
+                    chunk_bytes: int | None = None) -> tuple[float, int]:
     """Accumulate the gradient of the window's mean loss per supervised token; return (loss sum, tokens).
 
     Each micro-batch's summed loss is divided by the supervised tokens of the WHOLE window, not its own: a
@@ -42,7 +43,7 @@ def backward_window(model: torch.nn.Module, batches: list[dict], impl: str = "ch
     n_sup = sum(count_supervised(b["labels"]) for b in batches)
     total = 0.0
     for batch in batches:
-        loss, _ = loss_sum(model, batch, impl=impl)
+        loss, _ = loss_sum(model, batch, impl=impl, chunk_bytes=chunk_bytes)
         (loss / max(n_sup, 1)).backward()
         total += float(loss.detach())
     return total, n_sup
@@ -50,13 +51,15 @@ def backward_window(model: torch.nn.Module, batches: list[dict], impl: str = "ch
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[dict], lr: float,
                max_grad_norm: float | None, params: list[torch.nn.Parameter] | None = None,
-               loss_impl: str = "chunked") -> StepResult:
+               loss_impl: str = "chunked", loss_chunk_bytes: int | None = None) -> StepResult:
     """Forward + backward over the micro-batches of one window, clip, update with learning rate ``lr``, zero grads.
 
     ``params`` are the trainable parameters (for clipping); default: those of ``model`` that require grad.
+    ``loss_impl`` / ``loss_chunk_bytes``: the loss kernel and its chunk budget (``train.loss_impl``,
+    ``train.loss_chunk_mb``).
     """
     t0 = time.perf_counter()
-    loss, n_sup = backward_window(model, batches, loss_impl)
+    loss, n_sup = backward_window(model, batches, loss_impl, loss_chunk_bytes)
     t1 = time.perf_counter()
     grad_norm = float("nan")
     if max_grad_norm is not None:
