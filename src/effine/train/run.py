@@ -114,7 +114,8 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.cache_dir, cfg.model.revision)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    train_set, eval_set, report = build_datasets(cfg.data, tokenizer, cache_dir=cache_root(cfg.model.cache_dir), log=log)
+    train_set, eval_set, report = build_datasets(cfg.data, tokenizer, cache_dir=cache_root(cfg.model.cache_dir),
+                                                 log=log)
     if cfg.data.format not in ("prompt_completion", "text"):
         from effine.data.template import resolve_chat_template
 
