@@ -37,7 +37,7 @@ lint: setup
 
 bench: setup
 	$(PIP) -e ".[bench]"
-	$(PY) bench/run.py
+	$(PY) -m bench.run
 
 clean:
 	rm -rf runs .pytest_cache

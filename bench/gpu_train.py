@@ -1,7 +1,7 @@
 """CUDA training-step benchmark: effine LoRA / QLoRA vs the usual transformers + PEFT LoRA, random-init large shapes.
 
-    python bench/gpu_train.py --models llama-1b,mistral-7b --out bench/results/gpu.json
-    python bench/gpu_train.py --tiny            # CPU smoke test of the script itself (tiny shapes)
+    python -m bench.gpu_train --models llama-1b,mistral-7b --out bench/results/gpu.json
+    python -m bench.gpu_train --tiny            # CPU smoke test of the script itself (tiny shapes)
 
 Each variant builds the model on the device in bf16 (random init: speed and memory do not depend on the weights),
 trains `--steps` steps on random token ids whose first half is masked out of the loss (a prompt share of one half),
@@ -23,13 +23,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from effine.adapters import inject_lora  # noqa: E402
 from effine.config import AdapterConfig  # noqa: E402

@@ -9,9 +9,9 @@ baseline* (the RSS after importing torch, transformers and effine): the predicti
 returns it on free, so RSS follows the live bytes; it is compared with the plan without its allocator term. The gap
 between the two measurements is glibc's heap retention, which the plan's allocator term models.
 
-    python bench/memory_plan.py                           # all 16 cases, ~30-40 min on 2 cores
-    python bench/memory_plan.py --models smollm2-135m-instruct --shapes 2x256 --steps 2 --live
-    python bench/memory_plan.py --out bench/results/memory_plan.md --json bench/results/memory_plan.json
+    python -m bench.memory_plan                           # all 16 cases, ~30-40 min on 2 cores
+    python -m bench.memory_plan --models smollm2-135m-instruct --shapes 2x256 --steps 2 --live
+    python -m bench.memory_plan --out bench/results/memory_plan.md --json bench/results/memory_plan.json
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ import argparse
 import datetime
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 MODELS = ("smollm2-135m-instruct", "gemma3-270m")
 METHODS = ("lora", "nf4")

@@ -7,8 +7,8 @@ training loop calls (chunked loss on supervised positions only, global grad-norm
 ``train_loop`` itself is not called because it draws its own batch order; here each step collates the next fixed
 batch with ``effine.data.collate``.
 
-    python bench/worker_effine.py --data bench/cache/smollm2-chat-512-XXXX.json --steps 13 [--threads 2]
-    python bench/worker_effine.py ... --profile 5   # torch.profiler table of step 5 (self CPU time) on stderr
+    python -m bench.worker_effine --data bench/cache/smollm2-chat-512-XXXX.json --steps 13 [--threads 2]
+    python -m bench.worker_effine ... --profile 5   # torch.profiler table of step 5 (self CPU time) on stderr
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RssSampler, batch_stats, cpu_snapshot, effine_version, emit, foreign_cores,  # noqa: E402
+from bench.common import (RssSampler, batch_stats, cpu_snapshot, effine_version, emit, foreign_cores,  # noqa: E402
                     heldout_loss, hwm_bytes, loadavg, lora_a_init, maxrss_bytes, read_workload_file, reset_peak,
                     rss_bytes)
 
@@ -40,7 +39,6 @@ def main() -> None:
     ap.add_argument("--quant", default="none", help="effine quant.method for the frozen base (nf4 = QLoRA)")
     args = ap.parse_args()
     t_spawn = args.t_spawn or T_START
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from effine.system import allocator
 
     allocator.ensure()  # as `effine train` does: re-executes under jemalloc when one is found (EFFINE_ALLOCATOR)
