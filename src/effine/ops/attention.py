@@ -38,7 +38,7 @@ Backends here
                triangle); packed rows run SDPA with ``is_causal=True`` once per document segment.
 ``flash_attn`` flash-attn 2/3 when importable (CUDA, fp16/bf16); packed rows use ``flash_attn_varlen_func``.
 ``tiled``      the same algorithm with the tile loop in Python and each tile product one batched matmul
-               (:mod:`effine.ops.tiled_attention`): 1.7-2.3x faster than SDPA's CPU kernel for training shapes;
+               (:mod:`effine.ops.tiled_attention`): faster than SDPA's CPU kernel at training shapes;
                the CPU default for causal calls without a mask, softcap or dropout (others go to SDPA / eager);
                packed rows run it once per document.
 

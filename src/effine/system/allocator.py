@@ -3,12 +3,11 @@
 Why: PyTorch's CPU tensors come from the C heap, and a training step allocates and frees the same large buffers
 (activations, gradients, loss chunks) over and over. glibc malloc keeps freed chunks in fragmented arenas, so the
 process's resident memory ends well above the bytes actually alive at the peak. jemalloc's size-class extents
-reuse those buffers closely. Measured with ``bench/worker_effine.py`` on 2 cores, 2 interleaved pairs each
-(``bench/results/allocator.md``): peak RSS above the loaded model -18% on Gemma-3-270M (1,593 -> 1,303 MB) and
--10% on SmolLM2-135M chat (1,531 -> 1,387 MB), tokens/s +1.5-4.7% / +4-6%, bit-identical losses.
+reuse those buffers closely: less peak RSS and a few % more tokens/s, bit-identical losses
+(``bench/results/allocator.md``).
 
 The configuration matters: ``dirty_decay_ms:-1,muzzy_decay_ms:-1`` (never give freed pages back to the OS while
-training; jemalloc's default purges them after 10 s and then pays page faults to get them back: -7% tokens/s).
+training; jemalloc's default purges them after 10 s and then pays page faults to get them back).
 
 How: ``effine train`` calls :func:`ensure` before anything else; when jemalloc is not loaded yet and a
 ``libjemalloc.so.2`` is found, the process re-executes itself with the library in ``LD_PRELOAD`` (an allocator
