@@ -32,8 +32,9 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from effine.config import AdapterConfig, Config
+from effine.config import Config
 from effine.dtypes import DTYPES
+from effine.plan.measure import saved_for_backward_bytes
 
 SHORT_T = (16, 32)  # trace lengths for the backends that are linear in T
 
@@ -53,22 +54,6 @@ class LayerBytes:
 
     def shared_at(self, batch: int) -> int:
         return int(self.shared_row * batch + self.shared_call)
-
-
-def _saved_bytes(params: list[torch.Tensor], forward) -> int:
-    skip = {t.untyped_storage().data_ptr() for t in params}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
-    del out
-    return sum(seen.values())
 
 
 def _one_layer_config(config, layer: int):
@@ -115,8 +100,6 @@ class _LayerUnderTest:
     def __init__(self, config, layer: int, cfg: Config, attn: str, fused: bool):
         from transformers import AutoModelForCausalLM
 
-        from effine.ops.attention import enable
-
         c = _one_layer_config(config, layer)
         dtype = DTYPES[cfg.model.dtype]
         tlog = logging.getLogger("transformers")
@@ -128,29 +111,15 @@ class _LayerUnderTest:
                                                          trust_remote_code=cfg.model.trust_remote_code)
         finally:
             tlog.setLevel(old)
-        for p in model.parameters():
-            p.requires_grad_(False)
         # A model without transformers' attention interface runs its own (eager) attention with a (T, T) mask
         self.effine_attention = bool(getattr(model, "_supports_attention_backend", False))
-        if self.effine_attention:
-            enable(model, attn)
-        if cfg.quant.qat_bits:
-            from effine.quant import apply_qat
+        # The layer as training builds it (build_model), minus the quantization of the frozen base: a frozen linear
+        # keeps the same bytes for backward whether its weight is dense or quantized (only the adapter needs x).
+        from effine.recipe import ModelRecipe, build_model
 
-            apply_qat(model, bits=cfg.quant.qat_bits, group_size=cfg.quant.group_size)
-        if cfg.adapter.method == "lora":
-            from effine.adapters import inject_lora
-
-            a = cfg.adapter
-            inject_lora(model, AdapterConfig(method="lora", r=a.r, alpha=a.alpha, dropout=a.dropout,
-                                             rslora=a.rslora, target_modules=a.target_modules), dtype=torch.float32)
-        else:
-            for p in model.parameters():
-                p.requires_grad_(True)
-        if fused:
-            from effine.ops.swap import fuse_model
-
-            fuse_model(model, recompute_norms=cfg.model.recompute_norm_outputs)
+        recipe = ModelRecipe.from_config(cfg).replace(attn=attn, device="cpu", gradient_checkpointing=False,
+                                                      fused_ops=fused, quant={"method": "none", "skip_modules": ()})
+        model = build_model(recipe, base=model)
         from effine.plan.inventory import _layer_stack
 
         _, stack = _layer_stack(model)
@@ -159,7 +128,6 @@ class _LayerUnderTest:
         self.model, self.dtype = model, dtype
         self.hidden = int(c.hidden_size)
         self.layer_type = (getattr(c, "layer_types", None) or [None])[0]
-        self.params = [*self.layer.parameters(), *self.layer.buffers()]
         self.kwargs = set(inspect.signature(type(stack[0]).forward).parameters)
 
     def _position_embeddings(self, B: int, T: int):
@@ -192,7 +160,7 @@ class _LayerUnderTest:
                 x = x[0] if isinstance(x, tuple) else x
             return x
 
-        return _saved_bytes(self.params, forward)
+        return saved_for_backward_bytes(self.layer, forward)
 
 
 def quadratic_in_t(config, layer: int, attn: str, T: int) -> bool:

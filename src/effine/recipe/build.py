@@ -28,19 +28,25 @@ def _quiet(_: str) -> None:
 
 
 def build_model(recipe: ModelRecipe, *, train: bool = True, model_dir: Path | None = None,
-                adapter_dir: Path | None = None, compute_dtype: str | None = None, log: Log | None = None
-                ) -> nn.Module:
-    """Build the model ``recipe`` describes; see the module docstring for what ``train`` changes."""
+                adapter_dir: Path | None = None, compute_dtype: str | None = None, log: Log | None = None,
+                base: nn.Module | None = None) -> nn.Module:
+    """Build the model ``recipe`` describes; see the module docstring for what ``train`` changes.
+
+    ``base``: an already instantiated base model to build on instead of loading ``recipe.base`` (the planner
+    passes one decoder layer built on the meta device, :mod:`effine.plan.trace`)."""
     from effine.model.loader import DTYPES, load_model, resolve_device, resolve_model_dir
     from effine.quant import check_quant_settings
 
     log = log or _quiet
     check_quant_settings(recipe.quant, recipe.adapter.method)
-    if model_dir is None:
-        model_dir = resolve_model_dir(recipe.base, recipe.cache_dir, recipe.revision)
     device = resolve_device(recipe.device) if train else torch.device("cpu")
-    model = load_model(model_dir, recipe.dtype, attn="sdpa", trust_remote_code=recipe.trust_remote_code,
-                       device=device)
+    if base is not None:
+        model, device = base, next(base.parameters()).device
+    else:
+        if model_dir is None:
+            model_dir = resolve_model_dir(recipe.base, recipe.cache_dir, recipe.revision)
+        model = load_model(model_dir, recipe.dtype, attn="sdpa", trust_remote_code=recipe.trust_remote_code,
+                           device=device)
     for p in model.parameters():
         p.requires_grad_(False)
     if train:
