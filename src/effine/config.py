@@ -126,6 +126,17 @@ class TrainConfig:
     save_every: int | None = _f(None, "Checkpoint every N optimizer steps (unset: only at the end).")
     threads: int | None = _f(None, "CPU threads for torch (unset: all cores).")
     loss_impl: Literal["chunked", "reference"] = _f("chunked", "Loss kernel: chunked never builds full logits.")
+    # Several processes (torchrun; see effine/train/distributed.py). The global batch is batch_size x grad_accum x
+    # the number of processes: each process reads a disjoint slice of every global micro-batch.
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = _f(
+        "auto", "Multi-process training under torchrun (`effine train CONFIG --nproc N`): ddp replicates the model "
+        "and all-reduces trainable gradients; fsdp (FSDP2) shards weights, gradients and optimizer state per decoder "
+        "layer (QLoRA's quantized base included); auto: none for 1 process, ddp otherwise. The global batch is "
+        "batch_size x grad_accum x processes.")
+    dist_timeout_s: int = _f(1800, "Seconds a collective may wait for the other processes before failing (a dead "
+                             "rank then ends the job instead of hanging it).", min=1)
+    fsdp_cpu_offload: bool = _f(False, "With parallel=fsdp: keep parameter shards, gradients and optimizer state in "
+                                "CPU memory (CUDA training of models that do not fit otherwise; slower).")
 
 
 @dataclass
