@@ -66,6 +66,7 @@ class Dist:
     world: int = 1
     rank: int = 0
     local_rank: int = 0
+    local_world: int = 1  # processes on this machine (they share its CPU threads)
     parallel: str = "none"  # none | ddp | fsdp
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     wrapped: nn.Module | None = None  # the DDP / FSDP root module whose forward is the loss
@@ -167,6 +168,22 @@ class Dist:
 SINGLE = Dist()
 
 
+class _Quiet:
+    """The log and metrics of ranks other than 0: rank 0 alone prints and writes (its numbers are global)."""
+
+    def __call__(self, msg: str) -> None:
+        pass
+
+    def write(self, kind: str, **values) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+quiet = _Quiet()
+
+
 def world_from_env() -> tuple[int, int, int]:
     """(world size, rank, local rank) as torchrun sets them; (1, 0, 0) in a plain process."""
     return (int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
@@ -199,7 +216,48 @@ def init_distributed(cfg: TrainConfig, device: torch.device) -> Dist:
     if not tdist.is_initialized():
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                  timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
-    return Dist(world=world, rank=rank, local_rank=local_rank, parallel=parallel, device=device)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return Dist(world=world, rank=rank, local_rank=local_rank, local_world=local_world, parallel=parallel,
+                device=device)
+
+
+def exec_torchrun(nproc: int, effine_args: list[str]) -> None:
+    """Replace this process by ``torchrun --standalone --nproc-per-node N -m effine ARGS`` (one machine)."""
+    import sys
+
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError("--nproc: already running under torchrun; drop --nproc (torchrun sets the world size).")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "effine", *effine_args]
+    os.execv(sys.executable, argv)
+
+
+_PEER_LOST = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "peer")
+
+
+def run_as_rank(main) -> int:
+    """Run the CLI's ``main`` as one torchrun worker: errors are printed with this rank and recorded for torchrun."""
+    import sys
+
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    world, rank, _ = world_from_env()
+
+    @record  # torchrun's failure summary then shows this rank's exception, not only its exit code
+    def entry() -> int:
+        try:
+            rc = main()
+        except Exception as e:
+            lost = any(s in str(e).lower() for s in _PEER_LOST)
+            hint = (" -- another process of the job stopped or died (its own error is above, and in torchrun's "
+                    "summary); resume from the last committed checkpoint with --resume") if lost else ""
+            print(f"effine: rank {rank}/{world}: {type(e).__name__}: {e}{hint}", file=sys.stderr, flush=True)
+            raise
+        if rc:
+            print(f"effine: rank {rank}/{world} exits with code {rc}", file=sys.stderr, flush=True)
+        return rc
+
+    return entry()
 
 
 def install_stop_handlers(dist: Dist) -> dict:
@@ -280,3 +338,22 @@ def full_state_on_main(model: nn.Module, dist: Dist) -> dict[str, torch.Tensor] 
         return {k: v.detach().cpu() for k, v in model.state_dict().items()} if dist.is_main else None
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return sd if dist.is_main else None
+
+
+def unshard_on_main(model: nn.Module, dist: Dist, rebuild) -> nn.Module:
+    """After training: the whole trained model on rank 0, for evaluation and the standard single-file outputs.
+
+    DDP: every rank already holds it. FSDP: the full state dict is gathered to rank 0 (a collective) and loaded into
+    a freshly built, unsharded model (``rebuild()``). Leaves the process group; other ranks get ``model`` back.
+    """
+    if not dist.active:
+        return model
+    if dist.parallel == "fsdp":
+        full = full_state_on_main(model, dist)
+        if dist.is_main:
+            del model
+            model = rebuild()
+            model.load_state_dict(full, strict=True)
+    dist.wrapped = None
+    shutdown(dist)
+    return model
