@@ -1,6 +1,6 @@
 """Multi-process training scenarios on tiny models, shared by the test (one process, the reference) and torchrun.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.integration.dist_worker OUT [CKPT_1P]
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.integration.dist_worker all OUT [CKPT]
 
 runs every scenario of ``SCENARIOS`` on 2 ranks with micro-batch ``B`` and writes, from rank 0, ``OUT/NAME.pt``:
 ``{"losses": per-step global loss, "weights": trainable weights gathered in full}``. The test runs the same
@@ -9,6 +9,7 @@ scenario in one process with micro-batch ``2 * B`` and compares.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -85,37 +86,52 @@ def run(family: str, method: str, dist: Dist, cfg: TrainConfig, run_dir: Path, r
     rows = Rows()
     train_loop(model, optimizer, examples(), cfg, 0, run_dir, rows, state, None, log=lambda _: None, dist=dist)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    sharded = sorted(n for n, p in model.named_parameters() if type(p).__name__ == "DTensor" and p.dtype == torch.uint8)
     full = full_state_on_main(model, dist)
     if full is None:
         return None
-    return {"losses": [r["loss"] for r in rows.rows], "weights": {n: full[n] for n in sorted(trainable)}}
+    return {"losses": [r["loss"] for r in rows.rows], "weights": {n: full[n] for n in sorted(trainable)},
+            "sharded_uint8": sharded}
 
 
-def main(out: Path, single_ckpt: Path | None) -> None:
-    probe = TrainConfig(parallel="ddp")
-    dist = init_distributed(probe, torch.device("cpu"))
+def main(mode: str, out: Path, single_ckpt: Path | None) -> None:
+    dist = init_distributed(TrainConfig(parallel="ddp"), torch.device("cpu"))
     torch.set_num_threads(1)
+    (out / f"pid-{dist.rank}").write_text(str(os.getpid()))
     try:
-        for name, family, method, parallel in SCENARIOS:
-            dist.parallel, dist.wrapped = parallel, None
-            res = run(family, method, dist, train_config(dist.world, parallel, 3), out / name)
+        if mode == "all":
+            all_scenarios(dist, out, single_ckpt)
+        elif mode == "one":  # the multi-node test: one scenario
+            dist.parallel = "fsdp"
+            res = run("llama", "lora", dist, train_config(dist.world, "fsdp", 3), out / "one")
             if dist.is_main:
-                torch.save(res, out / f"{name}.pt")
-        # Resume across world sizes. 2 -> 1: save at step 2 on 2 ranks and keep going to 4 (the test resumes the
-        # step-2 checkpoint in one process). 1 -> 2: resume the one-process checkpoint the test wrote.
-        for parallel in ("ddp", "fsdp"):
-            dist.parallel, dist.wrapped = parallel, None
-            res = run("llama", "lora", dist, train_config(dist.world, parallel, 4, save_every=2), out / f"save2-{parallel}")
-            if dist.is_main:
-                torch.save(res, out / f"save2-{parallel}.pt")
-        if single_ckpt is not None:
-            dist.parallel, dist.wrapped = "fsdp", None
-            res = run("llama", "lora", dist, train_config(dist.world, "fsdp", 4), out / "resume1", single_ckpt)
-            if dist.is_main:
-                torch.save(res, out / "resume1-fsdp.pt")
+                torch.save(res, out / "one.pt")
+        elif mode == "endless":  # the kill tests: checkpoints every 2 steps until a signal or a dead rank stops it
+            dist.parallel = "fsdp"
+            run("llama", "lora", dist, train_config(dist.world, "fsdp", 10**6, save_every=2), out / "endless")
     finally:
         shutdown(dist)
 
 
+def all_scenarios(dist: Dist, out: Path, single_ckpt: Path | None) -> None:
+    for name, family, method, parallel in SCENARIOS:
+        dist.parallel, dist.wrapped = parallel, None
+        res = run(family, method, dist, train_config(dist.world, parallel, 3), out / name)
+        if dist.is_main:
+            torch.save(res, out / f"{name}.pt")
+    # Resume across world sizes. 2 -> 1: save at step 2 on 2 ranks and keep going to 4 (the test resumes the
+    # step-2 checkpoint in one process). 1 -> 2: resume the one-process checkpoint the test wrote.
+    for parallel in ("ddp", "fsdp"):
+        dist.parallel, dist.wrapped = parallel, None
+        res = run("llama", "lora", dist, train_config(dist.world, parallel, 4, save_every=2), out / f"save2-{parallel}")
+        if dist.is_main:
+            torch.save(res, out / f"save2-{parallel}.pt")
+    if single_ckpt is not None:
+        dist.parallel, dist.wrapped = "fsdp", None
+        res = run("llama", "lora", dist, train_config(dist.world, "fsdp", 4), out / "resume1", single_ckpt)
+        if dist.is_main:
+            torch.save(res, out / "resume1-fsdp.pt")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)
+    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -106,8 +106,9 @@ def _load_dcp(path: Path, model, optimizer, global_batch: int | None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(sd, checkpoint_id=str(path / "dcp"))
+    # strict=False: frozen weights are not in the checkpoint (dcp.load has already failed on any trainable one missing)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"],
-                   options=_options())
+                   options=_options(strict=False))
 
 
 def _load_single_file(path: Path, model, optimizer) -> None:
