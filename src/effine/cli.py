@@ -107,7 +107,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     device = "cuda" if args.gpu else "cpu"
-    print(plan_memory(cfg, device=device, gpu_memory_gb=args.gpu).format())
+    print(plan_memory(cfg, device=device, gpu_memory_gb=args.gpu, world=args.world, parallel=args.parallel).format())
     return 0
 
 
@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "state, activations for the batch shape, loss) for CPU or a GPU size.")
     _add_config_args(p)
     p.add_argument("--gpu", help="GPU memory in GB (e.g. 80) or a name (h100, a100-40, rtx4090); default: CPU")
+    p.add_argument("--world", type=int, default=1, metavar="N", help="plan one process of an N-process run")
+    p.add_argument("--parallel", choices=["auto", "ddp", "fsdp"], default="auto",
+                   help="with --world: ddp (full replica per process) or fsdp (weights, gradients, AdamW states / N)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("config", help="list config keys, or show a resolved config",
