@@ -4,7 +4,8 @@
 
 runs every scenario of ``SCENARIOS`` on 2 ranks with micro-batch ``B`` and writes, from rank 0, ``OUT/NAME.pt``:
 ``{"losses": per-step global loss, "weights": trainable weights gathered in full}``. The test runs the same
-scenario in one process with micro-batch ``2 * B`` and compares.
+scenario in one process with micro-batch ``2 * B`` and compares. Mode ``one`` runs one scenario (the two-node
+test), mode ``endless`` trains until a signal or a dead rank stops it (the kill tests).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ N_EXAMPLES = 21  # 21 / 4 per global micro-batch: each epoch ends on a 1-sample 
 # (name, family, method, parallel); resume scenarios are handled separately.
 SCENARIOS = [(f"{p}-{m}-{a}", a, m, p) for p in ("ddp", "fsdp") for m in ("lora", "full")
              for a in ("llama", "qwen2", "gemma")] + [(f"fsdp-qlora-{a}", a, "qlora", "fsdp")
-                                                      for a in ("llama", "qwen2", "gemma")]
+                                                      for a in ("llama", "qwen2", "gemma")] + [
+    ("fsdp-offload-lora-llama", "llama", "lora", "fsdp-offload")]  # train.fsdp_cpu_offload (on a CPU: a no-op move)
 
 
 def examples(n: int = N_EXAMPLES, seed: int = 0) -> list[Example]:
@@ -56,7 +58,8 @@ class Rows:
 
 def train_config(world: int, parallel: str, steps: int, save_every: int | None = None) -> TrainConfig:
     return TrainConfig(batch_size=B * 2 // world, grad_accum=2, max_steps=steps, lr=1e-3, warmup_steps=0,
-                       schedule="constant", log_every=1, seed=3, parallel=parallel, save_every=save_every)
+                       schedule="constant", log_every=1, seed=3, parallel=parallel.removesuffix("-offload"),
+                       save_every=save_every, fsdp_cpu_offload=parallel.endswith("-offload"))
 
 
 def build(family: str, method: str) -> torch.nn.Module:
@@ -115,7 +118,7 @@ def main(mode: str, out: Path, single_ckpt: Path | None) -> None:
 
 def all_scenarios(dist: Dist, out: Path, single_ckpt: Path | None) -> None:
     for name, family, method, parallel in SCENARIOS:
-        dist.parallel, dist.wrapped = parallel, None
+        dist.parallel, dist.wrapped = parallel.removesuffix("-offload"), None
         res = run(family, method, dist, train_config(dist.world, parallel, 3), out / name)
         if dist.is_main:
             torch.save(res, out / f"{name}.pt")

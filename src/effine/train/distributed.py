@@ -320,7 +320,7 @@ def wrap_model(model: nn.Module, dist: Dist, cfg: TrainConfig, log=print) -> Non
 
     n_quant = quant_buffers_to_params(model)
     mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    offload = CPUOffloadPolicy() if cfg.fsdp_cpu_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.fsdp_cpu_offload else OffloadPolicy()
     layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, mp_policy=mp, offload_policy=offload)
