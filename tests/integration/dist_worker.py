@@ -21,7 +21,7 @@ from effine.config import AdapterConfig, TrainConfig
 from effine.data import Example
 from effine.model.tiny import tiny_model
 from effine.train.dist_checkpoint import load_any_checkpoint
-from effine.train.distributed import Dist, full_state_on_main, init_distributed, shutdown, wrap_model
+from effine.train.distributed import Dist, init_distributed, shutdown, unshard_on_main, wrap_model
 from effine.train.loop import train_loop
 from effine.train.optim import build_optimizer
 
@@ -90,10 +90,12 @@ def run(family: str, method: str, dist: Dist, cfg: TrainConfig, run_dir: Path, r
     train_loop(model, optimizer, examples(), cfg, 0, run_dir, rows, state, None, log=lambda _: None, dist=dist)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     sharded = sorted(n for n, p in model.named_parameters() if type(p).__name__ == "DTensor" and p.dtype == torch.uint8)
-    full = full_state_on_main(model, dist)
-    if full is None:
+    # as run_training does: FSDP gathers into a freshly built model on rank 0 (the one evaluated and saved)
+    model = unshard_on_main(model, dist, lambda: build(family, method), leave=False)
+    if not dist.is_main:
         return None
-    return {"losses": [r["loss"] for r in rows.rows], "weights": {n: full[n] for n in sorted(trainable)},
+    full = dict(model.named_parameters())
+    return {"losses": [r["loss"] for r in rows.rows], "weights": {n: full[n].detach() for n in sorted(trainable)},
             "sharded_uint8": sharded}
 
 

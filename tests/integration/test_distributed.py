@@ -208,14 +208,15 @@ def test_two_nodes_on_localhost_with_c10d_rendezvous(tmp_path):
     _assert_same(torch.load(tmp_path / "one.pt", weights_only=True), _reference("llama", "lora", tmp_path / "ref"))
 
 
-def test_cli_nproc_trains_on_two_ranks_and_rank0_alone_writes(tmp_path, tiny_llama_dir):
+def test_cli_nproc_trains_qlora_on_two_ranks_and_rank0_alone_writes(tmp_path, tiny_llama_dir):
     from tests.conftest import chat_rows, write_jsonl
 
     data = write_jsonl(tmp_path / "chats.jsonl", chat_rows(24))
     sets = [f"model.name={tiny_llama_dir}", "model.dtype=fp32", f"data.path={data}", "data.max_length=64",
             "data.eval_fraction=0.2", f"output.dir={tmp_path}/run", "adapter.r=4", "adapter.alpha=8",
             "train.lr=5e-3", "train.batch_size=2", "train.log_every=1", "train.warmup_steps=0", "train.max_steps=4",
-            "train.save_every=2", "train.parallel=fsdp", "eval.max_new_tokens=2", "eval.prompts_from_eval=0"]
+            "train.save_every=2", "train.parallel=fsdp", "quant.method=nf4", "eval.max_new_tokens=2",
+            "eval.prompts_from_eval=0"]  # QLoRA: the quantized base is sharded, gathered and rebuilt on rank 0
     (tmp_path / "cfg.yaml").write_text("{}\n")  # every setting comes from --set
     cmd = [sys.executable, "-m", "effine", "train", str(tmp_path / "cfg.yaml"), "--nproc", "2"]
     cmd += sum((["--set", s] for s in sets), [])
@@ -225,7 +226,7 @@ def test_cli_nproc_trains_on_two_ranks_and_rank0_alone_writes(tmp_path, tiny_lla
     summary = json.loads(proc.stdout.strip().splitlines()[-1])  # printed once, by rank 0
     assert summary["steps"] == 4 and proc.stdout.count('"run_dir"') == 1
     log = (run / "train.log").read_text()
-    assert log.count("before: eval_loss") == 1 and "FSDP2 over 2 processes" in log
+    assert log.count("before: eval_loss") == 1 and "FSDP2 over 2 processes" in log and "quantized tensors sharded" in log
     assert "global batch: 2 x 1 accum x 2 processes = 4 samples" in log
     train_rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]

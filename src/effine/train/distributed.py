@@ -340,11 +340,12 @@ def full_state_on_main(model: nn.Module, dist: Dist) -> dict[str, torch.Tensor] 
     return sd if dist.is_main else None
 
 
-def unshard_on_main(model: nn.Module, dist: Dist, rebuild) -> nn.Module:
+def unshard_on_main(model: nn.Module, dist: Dist, rebuild, leave: bool = True) -> nn.Module:
     """After training: the whole trained model on rank 0, for evaluation and the standard single-file outputs.
 
     DDP: every rank already holds it. FSDP: the full state dict is gathered to rank 0 (a collective) and loaded into
-    a freshly built, unsharded model (``rebuild()``). Leaves the process group; other ranks get ``model`` back.
+    a freshly built, unsharded model (``rebuild()``). Then leaves the process group (unless ``leave`` is False);
+    other ranks get ``model`` back.
     """
     if not dist.active:
         return model
@@ -355,5 +356,6 @@ def unshard_on_main(model: nn.Module, dist: Dist, rebuild) -> nn.Module:
             model = rebuild()
             model.load_state_dict(full, strict=True)
     dist.wrapped = None
-    shutdown(dist)
+    if leave:
+        shutdown(dist)
     return model
