@@ -211,6 +211,9 @@ def init_distributed(cfg: TrainConfig, device: torch.device) -> Dist:
     import torch.distributed as tdist
 
     if device.type == "cuda":
+        if device.index is not None and world > 1:
+            raise ConfigError(f"model.device: {device} would put all {world} processes on one GPU; use cuda (or "
+                              "auto): each process takes the GPU numbered by its LOCAL_RANK.")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not tdist.is_initialized():

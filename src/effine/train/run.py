@@ -5,7 +5,8 @@
       train.log            everything printed
       data_report.txt      rows kept/dropped (with file:line), token stats
       metrics.jsonl        one JSON object per log/eval event
-      checkpoints/         resumable checkpoints (trainable weights, optimizer, RNG, loop position)
+      checkpoints/         resumable checkpoints (trainable weights, optimizer, RNG, loop position; several
+                           processes: torch.distributed.checkpoint shards, see train/dist_checkpoint.py)
       adapter/             PEFT-format adapter (adapter_config.json + adapter_model.safetensors) + tokenizer
                            + effine_run.json (how the base was built: dtype, quantization)
       model/               full fine-tuning (or output.save_merged): a transformers model dir
