@@ -1,6 +1,6 @@
 """The `effine` command line.
 
-    effine train CONFIG [--set key.path=value ...] [--resume]
+    effine train CONFIG [--set key.path=value ...] [--resume] [--nproc N]
     effine data check CONFIG [--set ...] [--show N]
     effine generate MODEL_OR_RUN_DIR [--prompt TEXT ...] [--max-new-tokens N] [--no-quant]
     effine merge RUN_DIR [--out DIR] [--dtype bf16]
@@ -33,7 +33,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from effine.train.run import run_training
 
     cfg = load_config(args.config, args.overrides)
+    if args.nproc and args.nproc > 1:  # the shortcut: become torchrun, which runs this command once per process
+        from effine.train.distributed import exec_torchrun
+
+        exec_torchrun(args.nproc, ["train", args.config, *[f"--set={o}" for o in args.overrides]]
+                      + (["--resume"] if args.resume else []))
     summary = run_training(cfg, resume=args.resume)
+    if not summary:  # ranks other than 0 of a multi-process run: rank 0 reports
+        return 0
     print(json.dumps({k: summary[k] for k in ("run_dir", "steps", "tokens_per_s")} |
                      {"eval_loss_before": (summary["eval_before"] or {}).get("eval_loss"),
                       "eval_loss_after": (summary["eval_after"] or {}).get("eval_loss")}))
@@ -109,7 +116,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     device = "cuda" if args.gpu else "cpu"
-    print(plan_memory(cfg, device=device, gpu_memory_gb=args.gpu).format())
+    print(plan_memory(cfg, device=device, gpu_memory_gb=args.gpu, world=args.world, parallel=args.parallel).format())
     return 0
 
 
@@ -163,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "resolved config, metrics, checkpoints, the adapter (PEFT format) and a before/after report.")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N processes of this machine: runs `torchrun --standalone --nproc-per-node N "
+                   "-m effine train ...` (train.parallel picks ddp or fsdp; the global batch is batch_size x "
+                   "grad_accum x N). Several machines: see README, 'Several processes and machines'")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("data", help="inspect and validate training data")
@@ -233,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "state, activations for the batch shape, loss) for CPU or a GPU size.")
     _add_config_args(p)
     p.add_argument("--gpu", help="GPU memory in GB (e.g. 80) or a name (h100, a100-40, rtx4090); default: CPU")
+    p.add_argument("--world", type=int, default=1, metavar="N", help="plan one process of an N-process run")
+    p.add_argument("--parallel", choices=["auto", "ddp", "fsdp"], default="auto",
+                   help="with --world: ddp (full replica per process) or fsdp (weights, gradients, AdamW states / N)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("config", help="list config keys or shipped configs, or show a resolved config",

@@ -135,6 +135,17 @@ class TrainConfig:
     loss_chunk_mb: int = _f(128, "Chunked loss: MiB of logits computed at a time (rows per chunk = this / (vocab "
                             "x dtype bytes)); smaller saves memory on large vocabularies, larger has fewer chunks.",
                             min=1)
+    # Several processes (torchrun; see effine/train/distributed.py). The global batch is batch_size x grad_accum x
+    # the number of processes: each process reads a disjoint slice of every global micro-batch.
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = _f(
+        "auto", "Multi-process training under torchrun (`effine train CONFIG --nproc N`): ddp replicates the model "
+        "and all-reduces trainable gradients; fsdp (FSDP2) shards weights, gradients and optimizer state per decoder "
+        "layer (QLoRA's quantized base included); auto: none for 1 process, ddp otherwise. The global batch is "
+        "batch_size x grad_accum x processes.")
+    dist_timeout_s: int = _f(1800, "Seconds a collective may wait for the other processes before failing (a dead "
+                             "rank then ends the job instead of hanging it).", min=1)
+    fsdp_cpu_offload: bool = _f(False, "With parallel=fsdp: keep parameter shards, gradients and optimizer state in "
+                                "CPU memory (CUDA training of models that do not fit otherwise; slower).")
 
 
 @dataclass

@@ -11,7 +11,8 @@
     6  eval, export, train (the engine)         loss/generation, merge/PTQ/GGUF, loop/step/optimizer/checkpoints
     7  plan                                     memory prediction and measurement (measures the engine)
     8  train.run, report                        a whole run: everything above, in order
-    9  cli, __main__                            the command line
+    9  cli                                      the command line
+   10  __main__                                 `python -m effine` (torchrun)
 
 Imports inside functions count too (a function-local import hides a cycle, it does not remove it).
 """
@@ -33,7 +34,7 @@ LAYERS: dict[str, int] = {
     "effine.eval": 6, "effine.export": 6, "effine.train": 6,
     "effine.plan": 7,
     "effine.train.run": 8, "effine.report": 8,
-    "effine.cli": 9, "effine.__main__": 9,
+    "effine.cli": 9, "effine.__main__": 10,
 }
 
 

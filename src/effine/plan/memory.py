@@ -326,7 +326,8 @@ def _fused_ops(cfg: Config) -> bool:
 
 
 def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | None = None,
-                model_config=None, fused: bool | None = None) -> MemoryPlan:
+                model_config=None, fused: bool | None = None, world: int = 1, parallel: str = "none"
+                ) -> MemoryPlan:
     """Predict the peak memory of training ``cfg`` (see the module docstring for every term).
 
     ``device``: "cpu" (peak RSS) or "cuda" (GPU memory; implied when ``gpu_memory_gb`` is given).
@@ -334,6 +335,7 @@ def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | N
     then says whether it fits. ``model_config``: a transformers config to plan for instead of ``cfg.model.name``'s
     (e.g. ``random_large_config("mistral-7b")``); nothing is downloaded or loaded then. ``fused``: whether the
     fused RMSNorm / gated MLP of :mod:`effine.ops.swap` are in use (None: ``model.fused_ops`` and EFFINE_FUSED).
+        ``world`` / ``parallel``: the plan is per process of a ``world``-process run (:mod:`effine.plan.distributed`).
     """
     gpu_gb, gpu_name = parse_gpu(gpu_memory_gb)
     if gpu_gb is not None and device == "cpu":
@@ -454,7 +456,7 @@ def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | N
         notes.append("packing fills every row to max_length: the planned worst case is the typical case")
     name = cfg.model.name if model_dir is not None or ckpt_per_weight else (
         getattr(model_config, "name_or_path", "") or f"{inv.model_type} (config)")
-    return MemoryPlan(
+    plan = MemoryPlan(
         model=name, device=device,
         method=(f"qlora-{cfg.quant.method}" if cfg.quant.method != "none" else cfg.adapter.method),
         batch_size=B, max_length=T, gradient_checkpointing=ckpt, attention=attn,
@@ -466,3 +468,8 @@ def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | N
         peak_phase=phase, activation_bytes_per_token_layer=per_tok_layer, gpu_memory_gb=gpu_gb, gpu_name=gpu_name,
         baseline=baseline, notes=notes,
     )
+    if world == 1 and parallel in ("none", "auto"):
+        return plan
+    from effine.plan.distributed import per_rank  # [distributed hook] one process of a world-process run
+
+    return per_rank(plan, inv, cfg, b, world, parallel)

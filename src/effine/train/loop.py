@@ -18,6 +18,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -25,8 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 from effine.config import TrainConfig
-from effine.data import batch_order, collate
+from effine.data import batch_order
 from effine.train.checkpoint import LoopState, save_checkpoint
+from effine.train.dist_checkpoint import save_dist_checkpoint
+from effine.train.distributed import SINGLE, Dist, install_stop_handlers
 from effine.train.metrics import MetricsLog
 from effine.train.optim import lr_at
 from effine.train.step import train_step
@@ -49,14 +52,17 @@ def plan_steps(n_examples: int, cfg: TrainConfig) -> int:
     return max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
 
 
-def micro_batches(examples: list, cfg: TrainConfig, pad_id: int, epoch: int, index: int
+def micro_batches(examples: list, cfg: TrainConfig, pad_id: int, epoch: int, index: int, dist: Dist = SINGLE
                   ) -> Iterator[tuple[int, int, dict]]:
-    """Yield (epoch, index-after-this-batch, batch) forever, starting at micro-batch `index` of `epoch`."""
+    """Yield (epoch, index-after-this-batch, batch) forever, starting at micro-batch `index` of `epoch`.
+
+    With several ranks, ``cfg`` is the global config (batch_size x world) and each rank collates its own slice.
+    """
     lengths = [len(e.input_ids) for e in examples]
     while True:
         order = batch_order(lengths, cfg.batch_size, cfg.seed, epoch)
         for i in range(index, len(order)):
-            yield epoch, i + 1, collate([examples[j] for j in order[i]], pad_id)
+            yield epoch, i + 1, dist.collate_shard([examples[j] for j in order[i]], pad_id)
         epoch, index = epoch + 1, 0
 
 
@@ -70,24 +76,30 @@ def _raise_on_sigterm(signum, frame):  # SIGTERM (a scheduler pre-empting us) ta
 
 def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, examples: list, cfg: TrainConfig,
                pad_id: int, run_dir: Path, metrics: MetricsLog, state: LoopState | None = None,
-               evaluate: Callable[[int], dict] | None = None, log: Callable[[str], None] = print) -> LoopResult:
+               evaluate: Callable[[int], dict] | None = None, log: Callable[[str], None] = print,
+               dist: Dist = SINGLE) -> LoopResult:
     state = state or LoopState()
+    cfg = dist.global_config(cfg)  # [distributed hook] data order and steps of the global batch (one rank: same)
     total = plan_steps(len(examples), cfg)
-    batches = micro_batches(examples, cfg, pad_id, state.epoch, state.batch_index)
+    batches = micro_batches(examples, cfg, pad_id, state.epoch, state.batch_index, dist)
     trainable = [p for p in model.parameters() if p.requires_grad]
     old_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    old_dist_handlers = install_stop_handlers(dist) if dist.active else {}  # [distributed hook] flag, not raise
+    save = (partial(save_dist_checkpoint, dist=dist, global_batch=cfg.batch_size) if dist.active
+            else save_checkpoint)
     model.train()
     t_start = time.perf_counter()
     t_log, tok_log, sup_log, loss_acc, loss_n = t_start, 0, 0, 0.0, 0
     last_loss = float("nan")
     start_tokens, start_sup = state.tokens_seen, state.supervised_seen
-    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not dist.is_main)
     try:
         while state.step < total:
             window = [next(batches) for _ in range(cfg.grad_accum)]
             lr = lr_at(state.step, cfg, total)
             res = train_step(model, optimizer, [b for _, _, b in window], lr, cfg.max_grad_norm, trainable,
-                             cfg.loss_impl, cfg.loss_chunk_mb * 2**20)
+                             cfg.loss_impl, cfg.loss_chunk_mb * 2**20, dist)
             step_loss, n_sup, grad_norm = res.loss_sum, res.supervised, res.grad_norm
 
             last_epoch, last_index, _ = window[-1]
@@ -113,15 +125,21 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
                 log(f"step {state.step}: eval_loss {res['eval_loss']:.4f} (ppl {res['eval_ppl']:.2f})")
                 model.train()
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total:
-                save_checkpoint(run_dir, model, optimizer, state)
+                save(run_dir, model, optimizer, state)
+            if dist.active and dist.agree_to_stop():  # [distributed hook] a signal on any rank stops all of them
+                raise _Interrupted("a stop signal on one of the ranks")
     except (KeyboardInterrupt, _Interrupted, Exception) as e:
         bar.close()
-        if state.step > 0:
-            path = save_checkpoint(run_dir, model, optimizer, state)
+        # Several ranks checkpoint together only when they all stopped together; after an error on one rank the
+        # others are elsewhere (a collective would hang), so the last periodic checkpoint is the one to resume.
+        if state.step > 0 and (not dist.active or isinstance(e, _Interrupted)):
+            path = save(run_dir, model, optimizer, state)
             log(f"[effine] {type(e).__name__} at step {state.step}: saved checkpoint {path}; "
                 f"continue with `effine train CONFIG --resume`.")
         raise
     finally:
+        for sig, handler in old_dist_handlers.items():
+            signal.signal(sig, handler)
         signal.signal(signal.SIGTERM, old_handler)
     bar.close()
     seconds = time.perf_counter() - t_start

@@ -5,7 +5,8 @@
       train.log            everything printed
       data_report.txt      rows kept/dropped (with file:line), token stats
       metrics.jsonl        one JSON object per log/eval event
-      checkpoints/         resumable checkpoints (trainable weights, optimizer, RNG, loop position)
+      checkpoints/         resumable checkpoints (trainable weights, optimizer, RNG, loop position; several
+                           processes: torch.distributed.checkpoint shards, see train/dist_checkpoint.py)
       adapter/             PEFT-format adapter (adapter_config.json + adapter_model.safetensors) + tokenizer
                            + effine_run.json (how the base was built: dtype, quantization)
       model/               full fine-tuning (or output.save_merged): a transformers model dir
@@ -29,9 +30,10 @@ from effine.config import Config, save_config
 from effine.errors import ConfigError
 from effine.eval.evaluate import evaluate
 from effine.eval.generate import generate, prompt_from_example, prompt_ids_for
-from effine.model.loader import cache_root, load_tokenizer, resolve_model_dir
+from effine.model.loader import cache_root, load_tokenizer, resolve_device, resolve_model_dir
 from effine.recipe import ModelRecipe, build_model, write_recipe
-from effine.train.checkpoint import LoopState, latest_checkpoint, load_checkpoint
+from effine.train.checkpoint import LoopState, latest_checkpoint
+from effine.train.dist_checkpoint import load_any_checkpoint
 from effine.train.metrics import MetricsLog, plot_losses
 from effine.train.optim import build_optimizer
 
@@ -100,10 +102,15 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
                           "set output.overwrite=true.")
     if resume and latest_checkpoint(run_dir) is None:
         raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    log = RunLog(run_dir / "train.log")
-    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    # [distributed hook] under torchrun: join the process group; rank 0 alone writes the run dir and logs.
+    from effine.train.distributed import init_distributed, quiet, unshard_on_main, wrap_model
+
+    dist = init_distributed(cfg.train, resolve_device(cfg.model.device))
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    log = RunLog(run_dir / "train.log") if dist.is_main else quiet
+    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // dist.local_world))
     torch.manual_seed(cfg.train.seed)
     log(f"effine: run dir {run_dir} | torch {torch.__version__} | {platform.machine()} | "
         f"{torch.get_num_threads()} threads")
@@ -114,8 +121,9 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.cache_dir, cfg.model.revision)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    train_set, eval_set, report = build_datasets(cfg.data, tokenizer, cache_dir=cache_root(cfg.model.cache_dir),
-                                                 log=log)
+    with dist.main_first():  # rank 0 fills the tokenisation cache, the others read it
+        train_set, eval_set, report = build_datasets(cfg.data, tokenizer,
+                                                     cache_dir=cache_root(cfg.model.cache_dir), log=log)
     if cfg.data.format not in ("prompt_completion", "text"):
         from effine.data.template import resolve_chat_template
 
@@ -128,13 +136,15 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
         train_set = pack_examples(train_set, cfg.data.max_length)
         log(f"packed into {len(train_set):,} rows of <= {cfg.data.max_length} tokens "
             f"({100 * packing_efficiency(train_set, cfg.data.max_length):.1f}% filled)")
-    (run_dir / "data_report.txt").write_text(report.full())
+    if dist.is_main:
+        (run_dir / "data_report.txt").write_text(report.full())
     log(report.format())
     if not train_set:
         raise ConfigError(f"data.path: no usable training rows in {cfg.data.path} (see {run_dir}/data_report.txt).")
     t_data = time.perf_counter()
     recipe = ModelRecipe.from_config(cfg)
-    write_recipe(run_dir, recipe, model_dir)
+    if dist.is_main:
+        write_recipe(run_dir, recipe, model_dir)
     model = build_model(recipe, model_dir=model_dir, log=log)
     t_model = time.perf_counter()
     pad_id = tokenizer.pad_token_id
@@ -148,31 +158,43 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
         metrics.write("eval", step=step, **res)
         return res
 
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, cfg.train)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl") if dist.is_main else quiet
     state, samples = LoopState(), []
     prompts = sample_prompts(cfg, tokenizer, eval_set)
     if resume:
-        ckpt = latest_checkpoint(run_dir)
-        state = load_checkpoint(ckpt, model, optimizer)
-        log(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, micro-batch {state.batch_index})")
         before = json.loads((run_dir / "before.json").read_text()) if (run_dir / "before.json").exists() else {}
         eval_before = before.get("eval")
         gens_before = before.get("samples", [""] * len(prompts))
-    else:
+    elif dist.is_main:  # before wrapping: an FSDP-sharded model runs only through its wrapper
         log("evaluating the base model ...")
         eval_before = run_eval(0)
         gens_before = [generate(model, tokenizer, ids, cfg.eval.max_new_tokens) for _, ids in prompts]
         (run_dir / "before.json").write_text(json.dumps({"eval": eval_before, "samples": gens_before}))
         log(f"before: {_eval_line(eval_before)}" + ("" if eval_set else f" — {NO_EVAL_SET}"))
+    wrap_model(model, dist, cfg.train, log)  # [distributed hook] DDP / FSDP2, before the optimizer sees the params
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, cfg.train)
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        state = load_any_checkpoint(ckpt, model, optimizer, dist, cfg.train.batch_size * dist.world)
+        log(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, micro-batch {state.batch_index})")
     log(f"time to first step: data {t_data - t0:.1f}s, model {t_model - t_data:.1f}s, "
         f"eval+samples {time.perf_counter() - t_model:.1f}s")
 
     from effine.train.loop import train_loop
 
+    if dist.active:
+        log(f"global batch: {cfg.train.batch_size} x {cfg.train.grad_accum} accum x {dist.world} processes = "
+            f"{cfg.train.batch_size * cfg.train.grad_accum * dist.world} samples per optimizer step"
+            + ("; train.eval_every is not used with several processes (eval runs before and after)"
+               if cfg.train.eval_every else ""))
     result = train_loop(model, optimizer, train_set, cfg.train, pad_id, run_dir, metrics, state,
-                        run_eval if eval_set else None, log)
+                        None if dist.active or not eval_set else run_eval, log, dist=dist)
+    # [distributed hook] the trained weights, whole, on rank 0 (which evaluates and saves); the others are done.
+    del optimizer
+    model = unshard_on_main(model, dist, lambda: build_model(recipe, model_dir=model_dir))
+    if not dist.is_main:
+        return {}
     eval_after = run_eval(result.state.step)
     gens_after = [generate(model, tokenizer, ids, cfg.eval.max_new_tokens) for _, ids in prompts]
     log(f"after:  {_eval_line(eval_after)}"

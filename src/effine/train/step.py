@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from effine.ops.model_loss import count_supervised, loss_sum
+from effine.ops.model_loss import count_supervised
+from effine.train.distributed import SINGLE
 from effine.train.optim import set_lr
 
 
@@ -33,7 +34,7 @@ class StepResult:
 
 
 def backward_window(model: torch.nn.Module, batches: list[dict], impl: str = "chunked",
-                    chunk_bytes: int | None = None) -> tuple[float, int]:
+                    chunk_bytes: int | None = None, dist=None) -> tuple[float, int]:
     """Accumulate the gradient of the window's mean loss per supervised token; return (loss sum, tokens).
 
     Each micro-batch's summed loss is divided by the supervised tokens of the WHOLE window, not its own: a
@@ -41,17 +42,22 @@ def backward_window(model: torch.nn.Module, batches: list[dict], impl: str = "ch
     gradient is identical however the window is split into micro-batches.
     """
     n_sup = sum(count_supervised(b["labels"]) for b in batches)
+    # [distributed hook] several ranks: N counts the global window (all ranks), the loss goes through the
+    # DDP/FSDP module, only the last micro-batch communicates; the returned loss sum and N are global.
+    dist = dist or SINGLE
+    n_sup = int(dist.all_reduce_sum([n_sup])[0])
     total = 0.0
-    for batch in batches:
-        loss, _ = loss_sum(model, batch, impl=impl, chunk_bytes=chunk_bytes)
-        (loss / max(n_sup, 1)).backward()
+    for i, batch in enumerate(batches):
+        with dist.grad_sync(i == len(batches) - 1):
+            loss, _ = dist.loss_sum(model, batch, impl, chunk_bytes)
+            (loss * dist.loss_scale / max(n_sup, 1)).backward()
         total += float(loss.detach())
-    return total, n_sup
+    return dist.all_reduce_sum([total])[0], n_sup
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[dict], lr: float,
                max_grad_norm: float | None, params: list[torch.nn.Parameter] | None = None,
-               loss_impl: str = "chunked", loss_chunk_bytes: int | None = None) -> StepResult:
+               loss_impl: str = "chunked", loss_chunk_bytes: int | None = None, dist=None) -> StepResult:
     """Forward + backward over the micro-batches of one window, clip, update with learning rate ``lr``, zero grads.
 
     ``params`` are the trainable parameters (for clipping); default: those of ``model`` that require grad.
@@ -59,16 +65,17 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     ``train.loss_chunk_mb``).
     """
     t0 = time.perf_counter()
-    loss, n_sup = backward_window(model, batches, loss_impl, loss_chunk_bytes)
+    loss, n_sup = backward_window(model, batches, loss_impl, loss_chunk_bytes, dist)
     t1 = time.perf_counter()
     grad_norm = float("nan")
     if max_grad_norm is not None:
         params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
     t2 = time.perf_counter()
     set_lr(optimizer, lr)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     t3 = time.perf_counter()
-    n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
+    n_tok = int((dist or SINGLE).all_reduce_sum([sum(int(b["attention_mask"].sum()) for b in batches)])[0])
     return StepResult(loss, n_sup, n_tok, grad_norm, {"fwd_bwd": t1 - t0, "clip": t2 - t1, "optim": t3 - t2})
