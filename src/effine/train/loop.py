@@ -8,14 +8,19 @@
         clip the global grad norm, set the scheduled lr, AdamW step, zero grads
         log (loss, lr, grad norm, tokens/s), evaluate and checkpoint when due
 
-A crash, Ctrl-C or SIGTERM writes a checkpoint of the last completed step before the exception propagates, so no
-finished step is lost; ``effine train ... --resume`` continues from it with the same data order.
+Nothing finished is lost: SIGTERM or the first Ctrl-C lets the step in progress finish, then checkpoints and
+raises :class:`~effine.train.signals.Interrupted`; a crash checkpoints the last completed step when the weights are
+finite and no update broke off half-way; the last step is checkpointed before the outputs are written. A window with
+a non-finite loss or gradient norm is never applied (:mod:`effine.train.numerics`). ``effine train ... --resume``
+(or ``train.resume: auto``) continues from the newest valid checkpoint with the same data order. Each window's rows
+(``file:line``) are appended to ``run_dir/samples.jsonl``, so what was trained on can be audited.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +31,13 @@ from tqdm.auto import tqdm
 
 from effine.config import TrainConfig
 from effine.data import batch_order, collate
-from effine.train.checkpoint import LoopState, save_checkpoint
+from effine.train.checkpoint import (DiskFullError, LoopState, find_resumable, save_checkpoint, state_is_finite,
+                                     updates_applied)
+from effine.train.faults import fault
 from effine.train.metrics import MetricsLog
+from effine.train.numerics import NumericsGuard
 from effine.train.optim import lr_at
+from effine.train.signals import Interrupted, StopSignals
 from effine.train.step import train_step
 
 
@@ -50,80 +59,120 @@ def plan_steps(n_examples: int, cfg: TrainConfig) -> int:
 
 
 def micro_batches(examples: list, cfg: TrainConfig, pad_id: int, epoch: int, index: int
-                  ) -> Iterator[tuple[int, int, dict]]:
-    """Yield (epoch, index-after-this-batch, batch) forever, starting at micro-batch `index` of `epoch`."""
+                  ) -> Iterator[tuple[int, int, dict, list[str]]]:
+    """Yield (epoch, index-after-this-batch, batch, rows) forever, starting at micro-batch `index` of `epoch`.
+
+    ``rows`` are the source locations (``file:line``) of the batch's examples (every document of a packed row)."""
     lengths = [len(e.input_ids) for e in examples]
     while True:
         order = batch_order(lengths, cfg.batch_size, cfg.seed, epoch)
         for i in range(index, len(order)):
-            yield epoch, i + 1, collate([examples[j] for j in order[i]], pad_id)
+            items = [examples[j] for j in order[i]]
+            rows = [w for e in items for w in (getattr(e, "wheres", None) or [e.where])]
+            yield epoch, i + 1, collate(items, pad_id), rows
         epoch, index = epoch + 1, 0
-
-
-class _Interrupted(Exception):
-    pass
-
-
-def _raise_on_sigterm(signum, frame):  # SIGTERM (a scheduler pre-empting us) takes the same path as Ctrl-C
-    raise _Interrupted(f"signal {signum}")
 
 
 def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, examples: list, cfg: TrainConfig,
                pad_id: int, run_dir: Path, metrics: MetricsLog, state: LoopState | None = None,
-               evaluate: Callable[[int], dict] | None = None, log: Callable[[str], None] = print) -> LoopResult:
+               evaluate: Callable[[int], dict] | None = None, log: Callable[[str], None] = print,
+               stop: StopSignals | None = None, fingerprint: dict | None = None) -> LoopResult:
+    """Train until ``plan_steps`` updates are applied. ``stop``: the run's signal handlers (the loop installs its
+    own when None); ``fingerprint``: stored in every checkpoint (see :mod:`effine.train.resume`)."""
     state = state or LoopState()
     total = plan_steps(len(examples), cfg)
     batches = micro_batches(examples, cfg, pad_id, state.epoch, state.batch_index)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    old_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    guard = NumericsGuard(cfg, metrics, log)
+    samples = (run_dir / "samples.jsonl").open("a")
+
+    def checkpoint() -> Path:
+        return save_checkpoint(run_dir, model, optimizer, state, keep=cfg.keep_checkpoints, keep_best=cfg.keep_best,
+                               fingerprint=fingerprint)
+
     model.train()
     t_start = time.perf_counter()
     t_log, tok_log, sup_log, loss_acc, loss_n = t_start, 0, 0, 0.0, 0
     last_loss = float("nan")
     start_tokens, start_sup = state.tokens_seen, state.supervised_seen
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
-    try:
-        while state.step < total:
-            window = [next(batches) for _ in range(cfg.grad_accum)]
-            lr = lr_at(state.step, cfg, total)
-            res = train_step(model, optimizer, [b for _, _, b in window], lr, cfg.max_grad_norm, trainable,
-                             cfg.loss_impl)
-            step_loss, n_sup, grad_norm = res.loss_sum, res.supervised, res.grad_norm
+    with contextlib.ExitStack() as scope:
+        stop = stop or scope.enter_context(StopSignals(log))
+        scope.enter_context(stop.deferred())
+        try:
+            while state.step < total and not stop.received:
+                fault("step:start")
+                window = [next(batches) for _ in range(cfg.grad_accum)]
+                rows = [r for *_, micro_rows in window for r in micro_rows]
+                lr = lr_at(state.step, cfg, total)
+                res = train_step(model, optimizer, [b for _, _, b, _ in window], lr, cfg.max_grad_norm, trainable,
+                                 cfg.loss_impl, skip_nonfinite=True)
+                state.windows += 1
+                state.epoch, state.batch_index = window[-1][0], window[-1][1]
+                samples.write(json.dumps({"window": state.windows, "step": state.step + int(res.applied),
+                                          "applied": res.applied, "rows": rows}) + "\n")
+                samples.flush()
+                if not guard.check(state, res, rows):  # nothing applied: same step and lr for the next window
+                    continue
 
-            last_epoch, last_index, _ = window[-1]
-            n_tok = res.tokens
-            state.step += 1
-            state.epoch, state.batch_index = last_epoch, last_index
-            state.tokens_seen += n_tok
-            state.supervised_seen += n_sup
-            last_loss = step_loss / max(n_sup, 1)
-            loss_acc, loss_n = loss_acc + step_loss, loss_n + n_sup
-            tok_log, sup_log = tok_log + n_tok, sup_log + n_sup
-            bar.update(1)
-            if state.step % cfg.log_every == 0 or state.step == total:
-                dt = time.perf_counter() - t_log
-                row = {"step": state.step, "epoch": state.epoch, "loss": loss_acc / max(loss_n, 1), "lr": lr,
-                       "grad_norm": grad_norm, "tokens_per_s": tok_log / dt, "supervised_per_s": sup_log / dt,
-                       "tokens_seen": state.tokens_seen}
-                metrics.write("train", **row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{lr:.1e}")
-                t_log, tok_log, sup_log, loss_acc, loss_n = time.perf_counter(), 0, 0, 0.0, 0
-            if evaluate and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total:
-                res = evaluate(state.step)
-                log(f"step {state.step}: eval_loss {res['eval_loss']:.4f} (ppl {res['eval_ppl']:.2f})")
-                model.train()
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total:
-                save_checkpoint(run_dir, model, optimizer, state)
-    except (KeyboardInterrupt, _Interrupted, Exception) as e:
-        bar.close()
-        if state.step > 0:
-            path = save_checkpoint(run_dir, model, optimizer, state)
-            log(f"[effine] {type(e).__name__} at step {state.step}: saved checkpoint {path}; "
-                f"continue with `effine train CONFIG --resume`.")
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, old_handler)
-    bar.close()
+                state.step += 1
+                state.eval_loss = None
+                state.tokens_seen += res.tokens
+                state.supervised_seen += res.supervised
+                last_loss = res.loss
+                loss_acc, loss_n = loss_acc + res.loss_sum, loss_n + res.supervised
+                tok_log, sup_log = tok_log + res.tokens, sup_log + res.supervised
+                bar.update(1)
+                if state.step % cfg.log_every == 0 or state.step == total:
+                    dt = time.perf_counter() - t_log
+                    row = {"step": state.step, "epoch": state.epoch, "loss": loss_acc / max(loss_n, 1), "lr": lr,
+                           "grad_norm": res.grad_norm, "tokens_per_s": tok_log / dt,
+                           "supervised_per_s": sup_log / dt, "tokens_seen": state.tokens_seen}
+                    metrics.write("train", **row)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{lr:.1e}")
+                    t_log, tok_log, sup_log, loss_acc, loss_n = time.perf_counter(), 0, 0, 0.0, 0
+                fault("step:logged")
+                if evaluate and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total:
+                    state.eval_loss = evaluate(state.step)["eval_loss"]
+                    log(f"step {state.step}: eval_loss {state.eval_loss:.4f}")
+                    model.train()
+                if cfg.save_every and state.step % cfg.save_every == 0:
+                    checkpoint()
+            bar.close()
+            # The last step (or the one a signal stopped at) is checkpointed before anything else is written.
+            path = checkpoint() if state.step > 0 else None
+            if stop.received:
+                raise Interrupted(stop.received, f"interrupted by signal {stop.received} at step {state.step}: "
+                                  f"saved checkpoint {path}; continue with `effine train CONFIG --resume`.")
+        except (Interrupted, DiskFullError):
+            raise
+        except KeyboardInterrupt:  # the second Ctrl-C: abort at once, nothing more is written
+            log(f"[effine] aborted at step {state.step} without saving; newest valid checkpoint: "
+                f"{find_resumable(run_dir, warn=lambda _: None)}")
+            raise
+        except Exception as e:
+            _save_after_crash(e, checkpoint, model, optimizer, state, run_dir, log)
+            raise
+        finally:
+            bar.close()
+            samples.close()
     seconds = time.perf_counter() - t_start
     return LoopResult(state, last_loss, seconds, (state.tokens_seen - start_tokens) / seconds,
                       (state.supervised_seen - start_sup) / seconds)
+
+
+def _save_after_crash(e: Exception, checkpoint: Callable[[], Path], model, optimizer, state: LoopState,
+                      run_dir: Path, log: Callable[[str], None]) -> None:
+    """Checkpoint the last completed step after an error, unless that could replace good state with bad."""
+    if state.step == 0:
+        return
+    bad = state_is_finite(model, optimizer)
+    if updates_applied(optimizer) - {state.step}:
+        bad = "an optimizer update broke off half-way"
+    if bad:
+        log(f"[effine] {type(e).__name__} at step {state.step}: NOT saving a checkpoint ({bad} is not finite or "
+            f"consistent); the newest valid checkpoint stays {find_resumable(run_dir, warn=lambda _: None)}.")
+        return
+    path = checkpoint()
+    log(f"[effine] {type(e).__name__} at step {state.step}: saved checkpoint {path}; "
+        f"continue with `effine train CONFIG --resume`.")
