@@ -10,6 +10,7 @@ fires ACTION the N-th time (1-based, counted per process) this process reaches P
     kill     SIGKILL this process (default): nothing runs after it, no handler, no cleanup
     term     send SIGTERM to this process      int      send SIGINT to this process (a Ctrl-C)
     enospc   raise OSError(ENOSPC) as a full disk would, from the write in progress
+    oom      raise MemoryError, as running out of memory would
 
 Points (where they are in the code):
 
@@ -32,7 +33,7 @@ import sys
 from collections import Counter
 
 ENV = "EFFINE_FAULT"
-ACTIONS = ("kill", "term", "int", "enospc")
+ACTIONS = ("kill", "term", "int", "enospc", "oom")
 _hits: Counter = Counter()
 _parsed: dict[str, dict[str, list[tuple[int, str]]]] = {}
 
@@ -63,4 +64,6 @@ def fault(point: str) -> None:
             print(f"[{ENV}] {action} at {point} (hit {n})", file=sys.stderr, flush=True)
             if action == "enospc":
                 raise OSError(errno.ENOSPC, f"No space left on device ({ENV} at {point})")
+            if action == "oom":
+                raise MemoryError(f"out of memory ({ENV} at {point})")
             os.kill(os.getpid(), {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}[action])

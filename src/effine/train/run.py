@@ -32,7 +32,8 @@ from effine.errors import ConfigError
 from effine.eval.evaluate import evaluate
 from effine.eval.generate import generate, prompt_from_example, prompt_ids_for, write_run_meta
 from effine.model.loader import cache_root, load_model, load_tokenizer, resolve_device, resolve_model_dir
-from effine.train.checkpoint import LoopState, check_disk_space, find_resumable, load_checkpoint, read_fingerprint
+from effine.train.checkpoint import (LoopState, check_disk_space, committed, find_resumable, load_checkpoint,
+                                     read_fingerprint)
 from effine.train.faults import fault
 from effine.train.metrics import MetricsLog, plot_losses
 from effine.train.optim import build_optimizer
@@ -164,6 +165,12 @@ def run_training(cfg: Config, resume: bool | str | None = None, force: bool = Fa
     ckpt = find_resumable(run_dir, warn=log) if mode != "never" else None
     if mode == "always" and ckpt is None:
         raise ConfigError(f"--resume: {run_dir} has no valid checkpoint to resume from.")
+    if mode == "never" and committed(run_dir / "checkpoints"):
+        if not cfg.output.overwrite:  # a fresh run among old checkpoints would later resume from the wrong one
+            raise ConfigError(f"output.dir: {run_dir} holds checkpoints of an earlier run; continue it with --resume "
+                              "(or train.resume=auto), or set output.overwrite=true to start over (deletes them).")
+        shutil.rmtree(run_dir / "checkpoints")
+        (run_dir / "samples.jsonl").unlink(missing_ok=True)
     with StopSignals(log) as stop:
         return _run(cfg, run_dir, log, ckpt, force, stop)
 
