@@ -288,16 +288,18 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
                     keep: int = 2, keep_best: bool = False, fingerprint: dict | None = None) -> Path:
     """Write, commit and verify the checkpoint of ``state``, then rotate old ones (see the module docstring).
 
-    A committed checkpoint of this very state (same step and position) is reused, not written again.
+    A committed checkpoint of this very state (same step and position) is reused, not written again (leftovers
+    of a crashed save are still cleaned up and the rotation completed).
     """
     root = run_dir / "checkpoints"
     if not root.is_dir():
         root.mkdir(parents=True)
         fsync_dir(run_dir)
     final = root / f"step-{state.step:06d}"
-    if final.is_dir() and verify(final) is None and read_state(final) == state:
-        return final
     clean_staging(root)
+    if final.is_dir() and verify(final) is None and read_state(final) == state:
+        rotate(root, keep, keep_best)  # finishes a rotation that a crash interrupted
+        return final
     staging = root / f"{final.name}.tmp"
     try:
         staging.mkdir()
