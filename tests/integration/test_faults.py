@@ -65,7 +65,7 @@ def plan_fault(rng: random.Random, cycle: list[str], run: Path, sc: dict) -> tup
         point = cycle.pop(0)
         cycle.append(point)
         if reach[point] > 0:
-            return point, rng.randint(1, min(reach[point], 4))
+            return point, rng.randint(1, min(reach[point], 2))
     raise AssertionError("no reachable fault point")
 
 
@@ -114,6 +114,7 @@ def run_killed_until_done(name: str, tmp: Path, model_dir: Path, kills: int, tim
     run = tmp / "run"
     cfg = write_config(tmp / "run.yaml", model_dir, data, run, sc)
     rng = random.Random(f"effine-faults:{name}")
+    corrupt_rng = random.Random(f"effine-corrupt:{name}")
     cycle = STEP_POINTS + SAVE_POINTS + ["outputs:start"]
     rng.shuffle(cycle)
     injected: Counter = Counter()
@@ -131,7 +132,7 @@ def run_killed_until_done(name: str, tmp: Path, model_dir: Path, kills: int, tim
         res = forked.run(["train", str(cfg)], tmp / f"seg{seg}.log", {"EFFINE_FAULT": f"{point}:{n}"})
         assert res.rc == -9 and f"kill at {point} (hit {n})" in res.output, res.output[-3000:]
         injected[f"SIGKILL at `{point}`"] += 1
-        if rng.random() < 0.2 and (what := corrupt_newest(rng, run)):
+        if corrupt_rng.random() < 0.2 and (what := corrupt_newest(corrupt_rng, run)):
             injected[what] += 1
             res = forked.run(["train", str(cfg)], tmp / f"seg{seg}-resume.log", {"EFFINE_FAULT": "step:start:1"})
             assert res.rc == -9 and "skipping checkpoint" in res.output, res.output[-3000:]  # named, with why
@@ -168,5 +169,12 @@ def test_killed_anywhere_resumes_bit_identical(name, tmp_path, tiny_llama_dir):
 def test_killed_many_times_resumes_bit_identical(name, tmp_path, tiny_llama_dir):
     """The slow lane: 5 kills from outside at random moments, then 25 planned kills, per scenario."""
     injected = run_killed_until_done(name, tmp_path, tiny_llama_dir, 25, timer_kills=5)
-    injected["SIGKILL from outside after a random 0.3-2 s (attempts)"] = 5  # the clock decides how many land
-    check_rows(f"kill-many-{name}", _rows(injected, name))
+    planned = sum(v for k, v in injected.items() if k.startswith("SIGKILL at"))
+    assert planned >= 25
+    # Where the clock's kills land varies, and with it the rest of the plan: the table shows the totals.
+    sc, _ = SCENARIOS[name]
+    result = f"bit-identical to an uninterrupted run ({sc['max_steps']} step losses, window rows, adapter)"
+    check_rows(f"kill-many-{name}", [
+        ("SIGKILL from outside after a random 0.3-2 s (attempts)", 5, result),
+        ("SIGKILL at seeded named points, all points in turn; ~1 in 5 followed by a corrupted/truncated checkpoint",
+         25, result)])

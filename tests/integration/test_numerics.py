@@ -39,7 +39,8 @@ def _poisoned(tmp: Path, model_dir: Path) -> Path:
 def _setup(tmp: Path, model_dir: Path, poison: bool = True, **train) -> tuple[Path, Path]:
     rows = chat_rows(24)
     for line in ZEBRA_ROWS:
-        rows[line - 1] = {"messages": [{"role": "user", "content": "say zebra"}, {"role": "assistant", "content": "zebra"}]}
+        rows[line - 1] = {"messages": [{"role": "user", "content": "say zebra"},
+                                       {"role": "assistant", "content": "zebra"}]}
     data = write_jsonl(tmp / "chats.jsonl", rows)
     evals = write_jsonl(tmp / "eval.jsonl", chat_rows(4, seed=1))
     extra = "".join(f", {k}: {v}" for k, v in train.items())

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import errno
 import shutil
 from pathlib import Path
 
 import pytest
 
 from effine.config import load_config
-from effine.errors import ConfigError
-from effine.train.checkpoint import DiskFullError, committed, find_resumable, read_state, verify
+from effine.train.checkpoint import DiskFullError, committed, verify
 from effine.train.resume import differences, fingerprint
 from tests import forked
 from tests.conftest import chat_rows, write_jsonl
@@ -27,7 +25,8 @@ def _cfg(tmp: Path, model_dir: Path, steps: int = 4, **train) -> Path:
 model: {{name: "{model_dir}", dtype: fp32}}
 data: {{path: "{data}", max_length: 64, eval_fraction: 0.2}}
 adapter: {{r: 4, alpha: 8}}
-train: {{max_steps: {steps}, batch_size: 2, grad_accum: 2, log_every: 1, threads: 1, warmup_steps: 0, save_every: 2{extra}}}
+train: {{max_steps: {steps}, batch_size: 2, grad_accum: 2, log_every: 1, threads: 1, warmup_steps: 0,
+        save_every: 2{extra}}}
 eval: {{max_new_tokens: 2, prompts_from_eval: 0, max_batches: 1}}
 output: {{dir: "{tmp / 'run'}"}}
 """)
@@ -67,7 +66,8 @@ def test_resume_refuses_changed_data_and_batch_force_logs(tmp_path, tiny_llama_d
     data.write_text(data.read_text() + data.read_text().splitlines()[0] + "\n")  # one more row
     res = forked.run(["train", str(cfg), "--resume", "--set", "train.grad_accum=1"], tmp_path / "b.log")
     assert res.rc == 2 and "was trained with different settings" in res.output, res.output[-3000:]
-    assert "data.sha256: '" in res.output and "train.grad_accum: 2 -> 1" in res.output and "--resume-force" in res.output
+    assert "data.sha256: '" in res.output and "train.grad_accum: 2 -> 1" in res.output
+    assert "--resume-force" in res.output
     assert "Traceback" not in res.output and "Loading weights" not in res.output  # refused before the model loads
     res = forked.run(["train", str(cfg), "--resume", "--resume-force"], tmp_path / "c.log")
     assert res.rc == 0 and "--resume-force: resuming from" in res.output and "data.sha256" in res.output

@@ -34,7 +34,8 @@ def test_files_then_manifest_then_dir_then_rename_then_parent_are_fsynced(tmp_pa
 
     monkeypatch.setattr(os, "fsync", fsync)
     real_path_rename = Path.rename
-    monkeypatch.setattr(Path, "rename", lambda self, t: events.append(("rename", self.name)) or real_path_rename(self, t))
+    monkeypatch.setattr(Path, "rename",
+                        lambda self, t: events.append(("rename", self.name)) or real_path_rename(self, t))
     save_checkpoint(tmp_path, model, opt, LoopState(step=3), fingerprint={"x": 1})
     names = [e[1].split("/")[-1] if e[0] == "fsync" else f"rename {e[1]}" for e in events]
     assert names[0] == tmp_path.name  # the new checkpoints/ entry of the first save

@@ -363,7 +363,7 @@ def read_fingerprint(path: Path) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def state_is_finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
+def first_nonfinite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
     """None when every trainable weight and optimizer tensor is finite; else the name of the first that is not."""
     for n, p in _trainable(model).items():
         if not bool(torch.isfinite(p).all()):

@@ -31,13 +31,13 @@ from tqdm.auto import tqdm
 
 from effine.config import TrainConfig
 from effine.data import batch_order, collate
-from effine.train.checkpoint import (DiskFullError, LoopState, find_resumable, save_checkpoint, state_is_finite,
-                                     updates_applied)
+from effine.train.checkpoint import (CheckpointError, DiskFullError, LoopState, find_resumable, first_nonfinite,
+                                     save_checkpoint, updates_applied)
 from effine.train.faults import fault
 from effine.train.metrics import MetricsLog
 from effine.train.numerics import NumericsGuard
 from effine.train.optim import lr_at
-from effine.train.signals import Interrupted, StopSignals
+from effine.train.signals import NAMES, Interrupted, StopSignals
 from effine.train.step import train_step
 
 
@@ -136,15 +136,15 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
                     state.eval_loss = evaluate(state.step)["eval_loss"]
                     log(f"step {state.step}: eval_loss {state.eval_loss:.4f}")
                     model.train()
-                if cfg.save_every and state.step % cfg.save_every == 0:
+                if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total:
                     checkpoint()
             bar.close()
             # The last step (or the one a signal stopped at) is checkpointed before anything else is written.
             path = checkpoint() if state.step > 0 else None
             if stop.received:
-                raise Interrupted(stop.received, f"interrupted by signal {stop.received} at step {state.step}: "
+                raise Interrupted(stop.received, f"interrupted by {NAMES[stop.received]} at step {state.step}: "
                                   f"saved checkpoint {path}; continue with `effine train CONFIG --resume`.")
-        except (Interrupted, DiskFullError):
+        except (Interrupted, DiskFullError, CheckpointError):
             raise
         except KeyboardInterrupt:  # the second Ctrl-C: abort at once, nothing more is written
             log(f"[effine] aborted at step {state.step} without saving; newest valid checkpoint: "
@@ -166,12 +166,13 @@ def _save_after_crash(e: Exception, checkpoint: Callable[[], Path], model, optim
     """Checkpoint the last completed step after an error, unless that could replace good state with bad."""
     if state.step == 0:
         return
-    bad = state_is_finite(model, optimizer)
+    bad = first_nonfinite(model, optimizer)
+    why = f"{bad} is not finite" if bad else None
     if updates_applied(optimizer) - {state.step}:
-        bad = "an optimizer update broke off half-way"
-    if bad:
-        log(f"[effine] {type(e).__name__} at step {state.step}: NOT saving a checkpoint ({bad} is not finite or "
-            f"consistent); the newest valid checkpoint stays {find_resumable(run_dir, warn=lambda _: None)}.")
+        why = "an optimizer update broke off half-way"
+    if why:
+        log(f"[effine] {type(e).__name__} at step {state.step}: NOT saving a checkpoint ({why}); the newest valid "
+            f"checkpoint stays {find_resumable(run_dir, warn=lambda _: None)}.")
         return
     path = checkpoint()
     log(f"[effine] {type(e).__name__} at step {state.step}: saved checkpoint {path}; "

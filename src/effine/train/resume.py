@@ -45,7 +45,8 @@ def fingerprint(cfg: Config, template_source: str | None, cache_dir: Path) -> di
     """The settings and data hashes a resume must match (nested like the config: ``data.sha256``, ...)."""
     return {
         "model": {"name": cfg.model.name, "revision": cfg.model.revision, "dtype": cfg.model.dtype},
-        "data": {"sha256": _data_file(cfg.data.path, cache_dir), "eval_sha256": _data_file(cfg.data.eval_path, cache_dir),
+        "data": {"sha256": _data_file(cfg.data.path, cache_dir),
+                 "eval_sha256": _data_file(cfg.data.eval_path, cache_dir),
                  "template_sha256": hashlib.sha256(template_source.encode()).hexdigest() if template_source else None,
                  **{k: getattr(cfg.data, k) for k in DATA_KEYS}},
         "adapter": dataclasses.asdict(cfg.adapter),
