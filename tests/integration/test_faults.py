@@ -60,7 +60,8 @@ def plan_fault(rng: random.Random, cycle: list[str], run: Path, sc: dict) -> tup
     saves = len([s for s in range(done + 1, total) if s % every == 0]) + int(done < total)
     reach = {p: total - done for p in STEP_POINTS} | {p: saves for p in SAVE_POINTS} | {"outputs:start": 1}
     reach["save:file"] = saves * FILES_PER_SAVE
-    reach["save:rotate"] = max(0, len(committed(run / "checkpoints")) + saves - KEEP)
+    kept = [c for c in committed(run / "checkpoints") if int(c.name[5:11]) <= done]  # newer (corrupt) ones get replaced
+    reach["save:rotate"] = max(0, len(kept) + saves - KEEP)
     for _ in range(len(cycle)):
         point = cycle.pop(0)
         cycle.append(point)
