@@ -82,8 +82,7 @@ def batch_for(cfg, bsz: int, seq: int, device: str) -> dict:
     labels[:, : seq // 2] = -100
     return {"input_ids": ids.to(device), "labels": labels.to(device),
             "attention_mask": torch.ones_like(ids).to(device),
-            "position_ids": torch.arange(seq).expand(bsz, seq).contiguous().to(device),
-            "doc_lengths": [[seq]] * bsz}
+            "position_ids": torch.arange(seq).expand(bsz, seq).contiguous().to(device)}
 
 
 def run_variant(variant: str, name: str, args, device: str) -> dict:
@@ -136,7 +135,7 @@ def run_variant(variant: str, name: str, args, device: str) -> dict:
            "tokens_per_s": tokens / median, "step_s_median": median, "first_loss": losses[0],
            "last_loss": losses[-1],
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
-    del model, opt, params
+    model = opt = params = step = None  # free this variant before the next one is built
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()

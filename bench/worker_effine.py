@@ -41,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     t_spawn = args.t_spawn or T_START
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from effine.train import allocator
+    from effine.system import allocator
 
     allocator.ensure()  # as `effine train` does: re-executes under jemalloc when one is found (EFFINE_ALLOCATOR)
 
@@ -52,7 +52,7 @@ def main() -> None:
     from effine.data import Example, PackedRow, collate
     from effine.train.optim import build_optimizer
     from effine.train.step import train_step
-    from effine.train.run import prepare_model
+    from effine.recipe import ModelRecipe, build_model
 
     torch.set_num_threads(args.threads)
     version = effine_version()
@@ -73,7 +73,7 @@ def main() -> None:
     pad_id = blob["pad_id"]
     t_data = time.time()
 
-    # -- model: effine's own prepare_model -----------------------------------------------------------------------
+    # -- model: effine's own build_model -----------------------------------------------------------------------
     torch.manual_seed(w["seed"])
     cfg = Config(model=ModelConfig(name=meta["model_dir"], dtype="bf16", attn=args.attn, gradient_checkpointing=False),
                  data=DataConfig(max_length=w["max_length"], packing=w["packing"]),
@@ -84,7 +84,7 @@ def main() -> None:
                                    warmup_steps=0, schedule="constant", max_grad_norm=w["max_grad_norm"],
                                    loss_impl=args.loss_impl, threads=args.threads))
     logs: list[str] = []
-    model = prepare_model(cfg, Path(meta["model_dir"]), logs.append)
+    model = build_model(ModelRecipe.from_config(cfg), model_dir=Path(meta["model_dir"]), log=logs.append)
     mods = lora_modules(model)
     with torch.no_grad():  # identical adapter init on both sides (B = 0 already)
         for name, m in mods.items():
@@ -174,7 +174,7 @@ def main() -> None:
         "loadavg": {"start": load0, "end": loadavg()},
         "model": shape, "trainable": n_trainable,
         "settings": {"allocator": allocator.describe(), "dtype": ("bf16 base" if args.quant == "none" else f"{args.quant} base (effine QuantLinear, "
-                               "bf16 compute)") + ", fp32 LoRA (compute: bf16 base matmuls, fp32 adapter matmuls)",
+                               "bf16 compute)") + ", fp32 LoRA weights (compute: bf16 base and adapter matmuls)",
                      "attention": f"{model.config._attn_implementation} (effine backend {args.attn})",
                      "optimizer": f"torch.optim.AdamW {'fused' if optimizer.defaults.get('fused') else 'foreach'}, lr {cfg.train.lr}, constant, wd {cfg.train.weight_decay}",
                      "grad_clip": cfg.train.max_grad_norm, "loss": f"effine {cfg.train.loss_impl} CE on supervised rows",

@@ -106,7 +106,7 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
                 rows = [r for *_, micro_rows in window for r in micro_rows]
                 lr = lr_at(state.step, cfg, total)
                 res = train_step(model, optimizer, [b for _, _, b, _ in window], lr, cfg.max_grad_norm, trainable,
-                                 cfg.loss_impl, skip_nonfinite=True)
+                                 cfg.loss_impl, cfg.loss_chunk_mb * 2**20, skip_nonfinite=True)
                 state.windows += 1
                 state.epoch, state.batch_index = window[-1][0], window[-1][1]
                 samples.write(json.dumps({"window": state.windows, "step": state.step + int(res.applied),

@@ -35,7 +35,8 @@ class StepResult:
         return self.loss_sum / max(self.supervised, 1)
 
 
-def backward_window(model: torch.nn.Module, batches: list[dict], impl: str = "chunked") -> tuple[float, int]:
+def backward_window(model: torch.nn.Module, batches: list[dict], impl: str = "chunked",
+                    chunk_bytes: int | None = None) -> tuple[float, int]:
     """Accumulate the gradient of the window's mean loss per supervised token; return (loss sum, tokens).
 
     Each micro-batch's summed loss is divided by the supervised tokens of the WHOLE window, not its own: a
@@ -45,7 +46,7 @@ def backward_window(model: torch.nn.Module, batches: list[dict], impl: str = "ch
     n_sup = sum(count_supervised(b["labels"]) for b in batches)
     total = 0.0
     for batch in batches:
-        loss, _ = loss_sum(model, batch, impl=impl)
+        loss, _ = loss_sum(model, batch, impl=impl, chunk_bytes=chunk_bytes)
         (loss / max(n_sup, 1)).backward()
         total += float(loss.detach())
     return total, n_sup
@@ -53,15 +54,18 @@ def backward_window(model: torch.nn.Module, batches: list[dict], impl: str = "ch
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[dict], lr: float,
                max_grad_norm: float | None, params: list[torch.nn.Parameter] | None = None,
-               loss_impl: str = "chunked", skip_nonfinite: bool = False) -> StepResult:
+               loss_impl: str = "chunked", loss_chunk_bytes: int | None = None,
+               skip_nonfinite: bool = False) -> StepResult:
     """Forward + backward over the micro-batches of one window, clip, update with learning rate ``lr``, zero grads.
 
     ``params`` are the trainable parameters (for clipping); default: those of ``model`` that require grad.
+    ``loss_impl`` / ``loss_chunk_bytes``: the loss kernel and its chunk budget (``train.loss_impl``,
+    ``train.loss_chunk_mb``).
     ``skip_nonfinite``: when the loss or the grad norm is not finite, or no label is in the window, do not step
     the optimizer (``applied=False``; see :mod:`effine.train.numerics`).
     """
     t0 = time.perf_counter()
-    loss, n_sup = backward_window(model, batches, loss_impl)
+    loss, n_sup = backward_window(model, batches, loss_impl, loss_chunk_bytes)
     fault("step:backward")
     t1 = time.perf_counter()
     grad_norm = float("nan")
