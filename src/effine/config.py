@@ -57,8 +57,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = _f("builtin:chitchat", "Training data: a .jsonl/.json/.csv/.parquet file, or builtin:NAME "
-                   "(builtin:chitchat: 4k human conversations; builtin:chitchat-completion: the same as prompt/completion "
-                   "text; builtin:evals: chat tasks with ideal answers).")
+                   "(builtin:chitchat: 4k human conversations; builtin:chitchat-completion: the same as "
+                   "prompt/completion text; builtin:evals: chat tasks with ideal answers).")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = _f(
         "auto", "Row format; auto detects it from the first row's keys.")
     eval_path: str | None = _f(None, "Held-out data file; when unset, `eval_fraction` of the rows are held out.")
@@ -132,8 +132,9 @@ class TrainConfig:
     save_every: int | None = _f(None, "Checkpoint every N optimizer steps (unset: only at the end).", min=1)
     threads: int | None = _f(None, "CPU threads for torch (unset: all cores).", min=1)
     loss_impl: Literal["chunked", "reference"] = _f("chunked", "Loss kernel: chunked never builds full logits.")
-    loss_chunk_mb: int = _f(128, "Chunked loss: MiB of logits computed at a time (rows per chunk = this / (vocab x "
-                            "dtype bytes)); smaller saves memory on large vocabularies, larger has fewer chunks.", min=1)
+    loss_chunk_mb: int = _f(128, "Chunked loss: MiB of logits computed at a time (rows per chunk = this / (vocab "
+                            "x dtype bytes)); smaller saves memory on large vocabularies, larger has fewer chunks.",
+                            min=1)
     # Reliability: resume, checkpoint rotation, the numerics guard (README "Crashes, resume and bad numbers").
     resume: Literal["never", "auto", "always"] = _f(
         "never", "auto: resume from the newest valid checkpoint when there is one, else start fresh (for schedulers "

@@ -23,7 +23,7 @@ from effine.model.families import family_for, logit_transform
 from effine.model.tiny import TINY_ARCHS, VARIANTS, tiny_config, tiny_model
 from effine.ops.attention import enable
 from effine.ops.swap import fuse_model
-from effine.train.forward import loss_sum
+from effine.ops.model_loss import loss_sum
 
 CASES = [*TINY_ARCHS, *VARIANTS, "cohere (unknown family)"]
 NO_RMSNORM = {"phi", "falcon", "falcon-7b-layout", "cohere (unknown family)"}  # LayerNorm families

@@ -1,9 +1,9 @@
 """`effine generate` on QLoRA runs: the adapter goes on the base quantized as in training, not the bf16/fp32 one.
 
-Short runs of a tiny Llama (nf4 in fp32; int4 group-wise in bf16; QAT + LoRA in fp32). The in-process trained model (captured when the
-run saves its outputs) is the reference: the model :func:`load_for_generation` rebuilds from the run dir must hold
-the same quantized codes and scales and compute the same logits; the adapter on the unquantized base (the old
-behaviour, now ``--no-quant``) must not.
+Short runs of a tiny Llama (nf4 in fp32; int4 group-wise in bf16; QAT + LoRA in fp32). The in-process trained model
+(captured when the run saves its outputs) is the reference: the model :func:`load_for_generation` rebuilds from the
+run dir must hold the same quantized codes and scales and compute the same logits; the adapter on the unquantized
+base (the old behaviour, now ``--no-quant``) must not.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from effine.config import load_config
 from effine.model.loader import load_model, load_tokenizer, resolve_model_dir
 from effine.ops.attention import enable
 from effine.ops.swap import fuse_model
-from effine.train.forward import loss_sum, model_inputs
+from effine.ops.model_loss import loss_sum, model_inputs
 
 pytestmark = pytest.mark.slow
 

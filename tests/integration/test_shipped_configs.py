@@ -59,9 +59,9 @@ def _architecture(name: str) -> dict:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=IDS)
 def test_one_optimizer_step_on_a_tiny_model_of_the_same_architecture(path, tmp_path) -> None:
-    from effine.train.forward import loss_sum
+    from effine.ops.model_loss import loss_sum
     from effine.train.optim import build_optimizer
-    from effine.train.run import prepare_model
+    from effine.recipe import ModelRecipe, build_model
 
     cfg = load_config(str(path))
     hub = _architecture(cfg.model.name)
@@ -72,7 +72,7 @@ def test_one_optimizer_step_on_a_tiny_model_of_the_same_architecture(path, tmp_p
     tiny_model(config).save_pretrained(tmp_path / "tiny", safe_serialization=True)
     cfg.model.name, cfg.model.device = str(tmp_path / "tiny"), "cpu"
     logs: list[str] = []
-    model = prepare_model(cfg, tmp_path / "tiny", logs.append)
+    model = build_model(ModelRecipe.from_config(cfg), model_dir=tmp_path / "tiny", log=logs.append)
     if cfg.quant.method != "none":
         assert any(f"to {cfg.quant.method}" in line for line in logs), logs
     if cfg.quant.qat_bits:

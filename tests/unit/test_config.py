@@ -21,7 +21,8 @@ def test_defaults_and_overrides():
 @pytest.mark.parametrize("override, message", [
     (["train.lrr=1"], "unknown config key 'train.lrr'. Did you mean 'train.lr'?"),
     (["trian.lr=1"], "unknown config key 'trian'. Did you mean 'train'?"),
-    (["adapter.method=lorra"], "adapter.method: 'lorra' is not allowed; choose one of lora, full. Did you mean 'lora'?"),
+    (["adapter.method=lorra"],
+     "adapter.method: 'lorra' is not allowed; choose one of lora, full. Did you mean 'lora'?"),
     (["train.batch_size=0"], "train.batch_size: 0 is below the minimum 1."),
     (["train.batch_size=2.5"], "train.batch_size: expected a whole number"),
     (["data.packing=maybe"], "data.packing: expected true or false"),
@@ -40,7 +41,8 @@ def test_yaml_errors_name_file_and_line(tmp_path):
         load_config(bad)
     typo = tmp_path / "typo.yaml"
     typo.write_text("train:\n  batchsize: 4\n")
-    with pytest.raises(ConfigError, match=r"typo.yaml: unknown config key 'train.batchsize'. Did you mean 'train.batch_size'"):
+    with pytest.raises(ConfigError,
+                       match=r"typo.yaml: unknown config key 'train.batchsize'. Did you mean 'train.batch_size'"):
         load_config(typo)
 
 

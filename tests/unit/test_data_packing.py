@@ -87,7 +87,8 @@ def test_collate_packed_rows_keep_document_positions():
     assert isinstance(rows[0], PackedRow)
     assert batch["input_ids"].shape == (2, 5)
     last = rows[0].position_ids[-1]
-    assert batch["position_ids"][0].tolist() == rows[0].position_ids + list(range(last + 1, last + 1 + 5 - len(rows[0])))
+    tail = list(range(last + 1, last + 1 + 5 - len(rows[0])))
+    assert batch["position_ids"][0].tolist() == rows[0].position_ids + tail
 
 
 def test_batch_order_is_deterministic_complete_and_epoch_dependent():

@@ -83,7 +83,8 @@ def test_activations_scale_linearly_with_tokens():
     assert step > 0
     assert b.activations - a.activations == 2 * step
     assert c.activations - a.activations == 2 * step
-    assert a.activation_bytes_per_token_layer == b.activation_bytes_per_token_layer == c.activation_bytes_per_token_layer
+    per_token = {p.activation_bytes_per_token_layer for p in (a, b, c)}
+    assert len(per_token) == 1
 
 
 def test_gradient_checkpointing_reduces_activations():

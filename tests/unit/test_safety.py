@@ -72,7 +72,7 @@ def test_a_shard_index_pointing_outside_the_model_dir_is_refused(tmp_path, shard
     (tmp_path / "outside.safetensors").write_bytes(b"")
     (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
         "model.embed_tokens.weight": "model-00001-of-00002.safetensors", "lm_head.weight": shard}}))
-    expected = rf"model.safetensors.index.json: weight_map\['lm_head.weight'\] = .* points outside the model dir"
+    expected = r"model.safetensors.index.json: weight_map\['lm_head.weight'\] = .* points outside the model dir"
     with pytest.raises(ModelError, match=expected):
         resolve_model_dir(str(model))
     with pytest.raises(ModelError, match=expected):

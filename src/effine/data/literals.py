@@ -92,7 +92,7 @@ class ControlTokens:
                 continue
             # The piece between the structural special tokens around this one: back to the last one kept...
             a = 0
-            while out_ids and not (out_ids[-1] in self.ids):
+            while out_ids and out_ids[-1] not in self.ids:
                 out_ids.pop()
                 out_offsets.pop()
             if out_ids:

@@ -5,7 +5,8 @@ int4) that is the quantized base, for QAT (``quant.qat_bits``) the fake-quantize
 rebuilds that base before it adds the adapter (``as_trained=False`` puts the adapter on the original weights
 instead). It learns how the base was built from the run's record of it:
 
-* ``ADAPTER_DIR/effine_run.json`` (:data:`effine.recipe.RECIPE_NAME`, the run's :class:`effine.recipe.ModelRecipe`), which a run writes next to ``adapter_config.json``
+* ``ADAPTER_DIR/effine_run.json`` (:data:`effine.recipe.RECIPE_NAME`, the run's
+  :class:`effine.recipe.ModelRecipe`), which a run writes next to ``adapter_config.json``
   (PEFT reads only ``adapter_config.json`` and the weights, so the adapter dir stays a plain PEFT adapter), so an
   adapter dir copied away from its run still carries it;
 * else the ``config.yaml`` of the run dir that holds the adapter (runs saved before ``effine_run.json`` existed).

@@ -14,7 +14,7 @@ means that transformers renamed a module or that the checkpoint is not the archi
     falcon                             query_key_value dense       dense_h_to_4h dense_4h_to_h
 
 ``logits`` says how the causal LM turns the output projection into logits. effine computes the loss from the
-backbone's hidden states itself (:mod:`effine.train.forward`), so it must apply the same transform:
+backbone's hidden states itself (:mod:`effine.ops.model_loss`), so it must apply the same transform:
 
     plain      logits = lm_head(h)
     softcap    logits = c * tanh(lm_head(h) / c), c = config.final_logit_softcapping (Gemma 2 / 3; None: plain)

@@ -315,7 +315,7 @@ def _activations(model_config, inv: _Inventory, cfg: Config, b: int, B: int, T: 
 
 
 def _fused_ops(cfg: Config) -> bool:
-    """Whether ``prepare_model`` swaps in the fused RMSNorm / gated MLP (``model.fused_ops``, ``EFFINE_FUSED``)."""
+    """Whether ``build_model`` swaps in the fused RMSNorm / gated MLP (``model.fused_ops``, ``EFFINE_FUSED``)."""
     if not getattr(cfg.model, "fused_ops", False):
         return False
     try:

@@ -149,7 +149,7 @@ class ModelRecipe:
 
 
 def write_recipe(out_dir: str | Path, recipe: ModelRecipe, base_dir: str | Path | None = None) -> Path:
-    """Write ``out_dir/effine_run.json``: the recipe, plus the resolved base dir and version-1 keys for older readers."""
+    """Write ``out_dir/effine_run.json``: the recipe, the resolved base dir and version-1 keys for older readers."""
     from effine import __version__
 
     q = recipe.quant
