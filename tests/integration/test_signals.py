@@ -46,9 +46,11 @@ def test_sigterm_from_outside_finishes_the_step_checkpoints_and_exits_143(tmp_pa
     proc = subprocess.Popen([sys.executable, "-m", "effine.cli", "train", str(cfg)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(_train_steps(tmp_path / "run")) >= 3):
+    deadline = time.time() + 600  # a loaded CI machine can take minutes to import and load; wait for training
+    while proc.poll() is None and time.time() < deadline and not (
+            metrics.exists() and len(_train_steps(tmp_path / "run")) >= 3):
         time.sleep(0.05)
+    assert proc.poll() is None and len(_train_steps(tmp_path / "run")) >= 3, "training never got going"
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, out[-3000:]
