@@ -43,8 +43,9 @@ def test_sigterm_from_outside_finishes_the_step_checkpoints_and_exits_143(tmp_pa
     """`python -m effine.cli train` as a scheduler runs it; SIGTERM arrives from outside in the middle of training."""
     cfg = _config(tmp_path, tiny_llama_dir, steps=100000)
     env = {**os.environ, "EFFINE_ALLOCATOR": "system", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "effine.cli", "train", str(cfg)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = (tmp_path / "cli.log").open("w")  # a file, not a pipe: nothing can block on a full pipe buffer
+    proc = subprocess.Popen([sys.executable, "-m", "effine.cli", "train", str(cfg)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 600  # a loaded CI machine can take minutes to import and load; wait for training
     while proc.poll() is None and time.time() < deadline and not (
@@ -52,7 +53,8 @@ def test_sigterm_from_outside_finishes_the_step_checkpoints_and_exits_143(tmp_pa
         time.sleep(0.05)
     assert proc.poll() is None and len(_train_steps(tmp_path / "run")) >= 3, "training never got going"
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    proc.wait(timeout=120)
+    out = (tmp_path / "cli.log").read_text()
     assert proc.returncode == 143, out[-3000:]
     ckpt = find_resumable(tmp_path / "run")
     steps = _train_steps(tmp_path / "run")
