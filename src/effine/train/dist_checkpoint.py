@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from effine.errors import ConfigError
-from effine.train.checkpoint import LoopState, load_checkpoint
+from effine.train.checkpoint import LoopState, commit, load_checkpoint, rotate, verify, write_manifest
 from effine.train.distributed import SINGLE, Dist
 
 MARKER = "distributed.json"
@@ -46,7 +46,7 @@ def is_dist_checkpoint(path: Path) -> bool:
 
 
 def save_dist_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: LoopState,
-                         dist: Dist, global_batch: int, keep: int = 2) -> Path:
+                         dist: Dist, global_batch: int, keep: int = 2, fingerprint: dict | None = None) -> Path:
     """Collective: every rank calls it at the same step. Returns the committed directory."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -69,10 +69,14 @@ def save_dist_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch
         (tmp / MARKER).write_text(json.dumps({"format": "torch.distributed.checkpoint", "world_size": dist.world,
                                               "parallel": dist.parallel, "global_batch_size": global_batch},
                                              indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        if fingerprint is not None:
+            (tmp / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+        # The same durability as a one-process checkpoint: manifest of every shard written last, atomic commit,
+        # rotation only after the new one verifies (effine.train.checkpoint).
+        write_manifest(tmp)
+        commit(tmp, final)
+        if verify(final) is None:
+            rotate(root, keep)
     dist.barrier()
     return final
 
@@ -88,7 +92,7 @@ def load_any_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.opt
         _load_single_file(path, model, optimizer)
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])
-    return LoopState(**json.loads((path / "state.json").read_text()))
+    return LoopState.from_dict(json.loads((path / "state.json").read_text()))
 
 
 def _load_dcp(path: Path, model, optimizer, global_batch: int | None) -> None:

@@ -162,9 +162,10 @@ class Dist:
     def on_signal(self, signum, frame) -> None:
         self._stop = True
 
-    def agree_to_stop(self) -> bool:
-        """True on every rank when any rank got SIGTERM/SIGINT since the last step (one all-reduce per step)."""
-        return self.all_reduce_sum([1.0 if self._stop else 0.0])[0] > 0
+    def agree_to_stop(self, local: bool = False) -> bool:
+        """True on every rank when any rank got SIGTERM/SIGINT (``local``: this rank's own signal handling saw one)
+        since the last window (one all-reduce per window)."""
+        return self.all_reduce_sum([1.0 if (self._stop or local) else 0.0])[0] > 0
 
 
 SINGLE = Dist()

@@ -5,8 +5,10 @@
       train.log            everything printed
       data_report.txt      rows kept/dropped (with file:line), token stats
       metrics.jsonl        one JSON object per log/eval event
-      checkpoints/         resumable checkpoints (trainable weights, optimizer, RNG, loop position; several
-                           processes: torch.distributed.checkpoint shards, see train/dist_checkpoint.py)
+      checkpoints/         resumable checkpoints (trainable weights, optimizer, RNG, loop position, fingerprint,
+                           manifest; see effine.train.checkpoint; several processes: torch.distributed.checkpoint
+                           shards, see train/dist_checkpoint.py)
+      samples.jsonl        the rows (file:line) of every training window, in order
       adapter/             PEFT-format adapter (adapter_config.json + adapter_model.safetensors) + tokenizer
                            + effine_run.json (how the base was built: dtype, quantization)
       model/               full fine-tuning (or output.save_merged): a transformers model dir
@@ -32,10 +34,14 @@ from effine.eval.evaluate import evaluate
 from effine.eval.generate import generate, prompt_from_example, prompt_ids_for
 from effine.model.loader import cache_root, load_tokenizer, resolve_device, resolve_model_dir
 from effine.recipe import ModelRecipe, build_model, write_recipe
-from effine.train.checkpoint import LoopState, latest_checkpoint
+from effine.train.checkpoint import LoopState, check_disk_space, committed, find_resumable, read_fingerprint
 from effine.train.dist_checkpoint import load_any_checkpoint
+from effine.train.faults import fault
 from effine.train.metrics import MetricsLog, plot_losses
 from effine.train.optim import build_optimizer
+from effine.train.resume import check_resume
+from effine.train.resume import fingerprint as run_fingerprint
+from effine.train.signals import StopSignals
 
 
 class RunLog:
@@ -93,23 +99,52 @@ def _write_report(run_dir: Path, cfg: Config, summary: dict, samples: list[dict]
     (run_dir / "report.md").write_text("\n".join(lines))
 
 
-def run_training(cfg: Config, resume: bool = False) -> dict:
-    from effine.data import build_datasets
+def resume_mode(cfg: Config, resume: bool | str | None) -> str:
+    """``--resume`` (True) means "always"; otherwise the config's ``train.resume`` (never / auto / always)."""
+    if resume is True:
+        return "always"
+    return resume if isinstance(resume, str) else cfg.train.resume
 
+
+def run_training(cfg: Config, resume: bool | str | None = None, force: bool = False) -> dict:
+    """Train as ``cfg`` says. ``resume``: True (``--resume``), "auto", "never", or None to use ``train.resume``;
+    ``force`` (``--resume-force``): resume even when the checkpoint's fingerprint differs (logged)."""
+    mode = resume_mode(cfg, resume)
     run_dir = resolve_run_dir(cfg)
-    if (run_dir / "summary.json").exists() and not (cfg.output.overwrite or resume):
+    finished = (run_dir / "summary.json").exists()
+    if finished and mode == "never" and not cfg.output.overwrite:
         raise ConfigError(f"output.dir: {run_dir} already holds a finished run; choose another output.dir or "
                           "set output.overwrite=true.")
-    if resume and latest_checkpoint(run_dir) is None:
-        raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from.")
     # [distributed hook] under torchrun: join the process group; rank 0 alone writes the run dir and logs.
-    from effine.train.distributed import init_distributed, quiet, unshard_on_main, wrap_model
+    from effine.train.distributed import init_distributed, quiet
 
     dist = init_distributed(cfg.train, resolve_device(cfg.model.device))
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     log = RunLog(run_dir / "train.log") if dist.is_main else quiet
+    if finished and mode == "auto" and not cfg.output.overwrite:
+        log(f"train.resume=auto: {run_dir} already holds a finished run (summary.json); nothing to do. "
+            "Use another output.dir (or output.overwrite=true) to train again.")
+        return json.loads((run_dir / "summary.json").read_text())
+    ckpt = find_resumable(run_dir, warn=log) if mode != "never" else None
+    if mode == "always" and ckpt is None:
+        raise ConfigError(f"--resume: {run_dir} has no valid checkpoint to resume from.")
+    if mode == "never" and committed(run_dir / "checkpoints"):
+        if not cfg.output.overwrite:  # a fresh run among old checkpoints would later resume from the wrong one
+            raise ConfigError(f"output.dir: {run_dir} holds checkpoints of an earlier run; continue it with --resume "
+                              "(or train.resume=auto), or set output.overwrite=true to start over (deletes them).")
+        if dist.is_main:
+            shutil.rmtree(run_dir / "checkpoints")
+            (run_dir / "samples.jsonl").unlink(missing_ok=True)
+        dist.barrier()
+    with StopSignals(log) as stop:
+        return _run(cfg, run_dir, log, ckpt, force, stop, dist)
+
+
+def _run(cfg: Config, run_dir: Path, log: RunLog, ckpt: Path | None, force: bool, stop: StopSignals, dist) -> dict:
+    from effine.data import build_datasets
+    from effine.train.distributed import quiet, unshard_on_main, wrap_model
+
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // dist.local_world))
     torch.manual_seed(cfg.train.seed)
     log(f"effine: run dir {run_dir} | torch {torch.__version__} | {platform.machine()} | "
@@ -119,17 +154,25 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     log(allocator_line())
 
     t0 = time.perf_counter()
+    stop.phase = "loading the data (no training step has run in this process: nothing to save)"
+    fault("load:data")
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.cache_dir, cfg.model.revision)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     with dist.main_first():  # rank 0 fills the tokenisation cache, the others read it
         train_set, eval_set, report = build_datasets(cfg.data, tokenizer,
                                                      cache_dir=cache_root(cfg.model.cache_dir), log=log)
+    template = None
     if cfg.data.format not in ("prompt_completion", "text"):
         from effine.data.template import resolve_chat_template
 
         # The template the data was rendered with travels with the tokenizer: generation and the saved adapter's
         # tokenizer then use it too (matters when it is an override or the ChatML fallback).
-        tokenizer.chat_template = resolve_chat_template(tokenizer, cfg.data.chat_template).source
+        template = tokenizer.chat_template = resolve_chat_template(tokenizer, cfg.data.chat_template).source
+    fingerprint = run_fingerprint(cfg, template, cache_root(cfg.model.cache_dir))
+    if ckpt is not None:  # before the model loads: a refused resume costs seconds, not minutes
+        check_resume(read_fingerprint(ckpt), fingerprint, ckpt, force, log)
+    if dist.is_main:
+        save_config(cfg, run_dir / "config.yaml")
     if cfg.data.packing:
         from effine.data import pack_examples, packing_efficiency
 
@@ -142,11 +185,17 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     if not train_set:
         raise ConfigError(f"data.path: no usable training rows in {cfg.data.path} (see {run_dir}/data_report.txt).")
     t_data = time.perf_counter()
+    stop.phase = "loading the model (no training step has run in this process: nothing to save)"
+    fault("load:model")
     recipe = ModelRecipe.from_config(cfg)
     if dist.is_main:
         write_recipe(run_dir, recipe, model_dir)
     model = build_model(recipe, model_dir=model_dir, log=log)
     t_model = time.perf_counter()
+    outputs = sum(p.numel() * p.element_size() for p in model.parameters()
+                  if p.requires_grad or cfg.adapter.method == "full" or cfg.output.save_merged)
+    if dist.is_main:
+        check_disk_space(run_dir, model, cfg.train.keep_checkpoints, cfg.train.keep_best, outputs)
     pad_id = tokenizer.pad_token_id
     eval_bs = cfg.eval.batch_size or cfg.train.batch_size
 
@@ -161,11 +210,13 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     metrics = MetricsLog(run_dir / "metrics.jsonl") if dist.is_main else quiet
     state, samples = LoopState(), []
     prompts = sample_prompts(cfg, tokenizer, eval_set)
-    if resume:
+    eval_before, gens_before = None, [""] * len(prompts)
+    if ckpt is not None:
         before = json.loads((run_dir / "before.json").read_text()) if (run_dir / "before.json").exists() else {}
         eval_before = before.get("eval")
-        gens_before = before.get("samples", [""] * len(prompts))
+        gens_before = before.get("samples", gens_before)
     elif dist.is_main:  # before wrapping: an FSDP-sharded model runs only through its wrapper
+        stop.phase = "evaluating the base model (no training step has run in this process: nothing to save)"
         log("evaluating the base model ...")
         eval_before = run_eval(0)
         gens_before = [generate(model, tokenizer, ids, cfg.eval.max_new_tokens) for _, ids in prompts]
@@ -174,9 +225,9 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     wrap_model(model, dist, cfg.train, log)  # [distributed hook] DDP / FSDP2, before the optimizer sees the params
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, cfg.train)
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
         state = load_any_checkpoint(ckpt, model, optimizer, dist, cfg.train.batch_size * dist.world)
+        metrics.write("resume", step=state.step, checkpoint=str(ckpt))
         log(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, micro-batch {state.batch_index})")
     log(f"time to first step: data {t_data - t0:.1f}s, model {t_model - t_data:.1f}s, "
         f"eval+samples {time.perf_counter() - t_model:.1f}s")
@@ -189,12 +240,16 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
             + ("; train.eval_every is not used with several processes (eval runs before and after)"
                if cfg.train.eval_every else ""))
     result = train_loop(model, optimizer, train_set, cfg.train, pad_id, run_dir, metrics, state,
-                        None if dist.active or not eval_set else run_eval, log, dist=dist)
+                        None if dist.active or not eval_set else run_eval, log, stop=stop, fingerprint=fingerprint,
+                        dist=dist)
     # [distributed hook] the trained weights, whole, on rank 0 (which evaluates and saves); the others are done.
     del optimizer
     model = unshard_on_main(model, dist, lambda: build_model(recipe, model_dir=model_dir))
     if not dist.is_main:
         return {}
+    stop.phase = (f"writing the outputs (training finished and checkpointed at step {result.state.step}: "
+                  "`--resume` writes them)")
+    fault("outputs:start")
     eval_after = run_eval(result.state.step)
     gens_after = [generate(model, tokenizer, ids, cfg.eval.max_new_tokens) for _, ids in prompts]
     log(f"after:  {_eval_line(eval_after)}"

@@ -10,6 +10,7 @@ The loop (:mod:`effine.train.loop`), the memory measurement (:mod:`effine.plan.m
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ import torch
 
 from effine.ops.model_loss import count_supervised
 from effine.train.distributed import SINGLE
+from effine.train.faults import fault
 from effine.train.optim import set_lr
 
 
@@ -27,6 +29,7 @@ class StepResult:
     tokens: int  # non-pad tokens in the window
     grad_norm: float  # global grad norm before clipping (nan when clipping is off)
     phases: dict[str, float] = field(default_factory=dict)  # seconds: fwd_bwd, clip, optim
+    applied: bool = True  # False: skip_nonfinite found the window unusable and the optimizer was not stepped
 
     @property
     def loss(self) -> float:
@@ -57,25 +60,37 @@ def backward_window(model: torch.nn.Module, batches: list[dict], impl: str = "ch
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[dict], lr: float,
                max_grad_norm: float | None, params: list[torch.nn.Parameter] | None = None,
-               loss_impl: str = "chunked", loss_chunk_bytes: int | None = None, dist=None) -> StepResult:
+               loss_impl: str = "chunked", loss_chunk_bytes: int | None = None, dist=None,
+               skip_nonfinite: bool = False) -> StepResult:
     """Forward + backward over the micro-batches of one window, clip, update with learning rate ``lr``, zero grads.
 
     ``params`` are the trainable parameters (for clipping); default: those of ``model`` that require grad.
     ``loss_impl`` / ``loss_chunk_bytes``: the loss kernel and its chunk budget (``train.loss_impl``,
     ``train.loss_chunk_mb``).
+    ``skip_nonfinite``: when the loss or the grad norm is not finite, or no label is in the window, do not step
+    the optimizer (``applied=False``; see :mod:`effine.train.numerics`).
     """
     t0 = time.perf_counter()
     loss, n_sup = backward_window(model, batches, loss_impl, loss_chunk_bytes, dist)
+    fault("step:backward")
     t1 = time.perf_counter()
     grad_norm = float("nan")
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     if max_grad_norm is not None:
-        params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+        grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    elif skip_nonfinite:
+        grad_norm = _scalar(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
     t2 = time.perf_counter()
-    set_lr(optimizer, lr)
-    optimizer.step()
+    applied = not skip_nonfinite or (n_sup > 0 and math.isfinite(loss) and math.isfinite(grad_norm))
+    if applied:
+        set_lr(optimizer, lr)
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     t3 = time.perf_counter()
     n_tok = int((dist or SINGLE).all_reduce_sum([sum(int(b["attention_mask"].sum()) for b in batches)])[0])
-    return StepResult(loss, n_sup, n_tok, grad_norm, {"fwd_bwd": t1 - t0, "clip": t2 - t1, "optim": t3 - t2})
+    return StepResult(loss, n_sup, n_tok, grad_norm, {"fwd_bwd": t1 - t0, "clip": t2 - t1, "optim": t3 - t2},
+                      applied)
+
+
+def _scalar(norm: torch.Tensor) -> float:
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
