@@ -60,11 +60,12 @@ def test_rank_shards_are_the_single_process_order(world, packed):
     ranks = [micro_batches(data, cfg, 0, 0, 0, Dist(world=world, rank=r)) for r in range(world)]
     dummies = 0
     for _ in range(n_batches):
-        epoch, index, whole = next(single)
+        epoch, index, whole, where = next(single)
         parts = [next(r) for r in ranks]
-        assert {(e, i) for e, i, _ in parts} == {(epoch, index)}
-        assert sum((_rows(b) for _, _, b in parts), []) == _rows(whole)
-        for _, _, b in parts:
+        assert {(e, i) for e, i, _, _ in parts} == {(epoch, index)}
+        assert all(rows == where for *_, rows in parts)  # each rank knows the rows (file:line) of the global batch
+        assert sum((_rows(b) for _, _, b, _ in parts), []) == _rows(whole)
+        for _, _, b, _ in parts:
             if not b["attention_mask"].any():  # an empty shard: a dummy row without any label
                 dummies += 1
                 assert (b["labels"] == -100).all()
@@ -118,7 +119,8 @@ def test_two_ranks_equal_one_rank_with_the_global_batch(two_rank_results, tmp_pa
 def test_checkpoint_of_two_ranks_resumes_in_one_process(two_rank_results, tmp_path, parallel):
     out, _ = two_rank_results
     ckpt = out / f"save2-{parallel}" / "checkpoints" / "step-000002"
-    assert is_dist_checkpoint(ckpt) and sorted(p.name for p in ckpt.parent.iterdir()) == ["step-000002"]
+    # the periodic checkpoint and the one every run writes at its last step (train.keep_checkpoints=2)
+    assert is_dist_checkpoint(ckpt) and sorted(p.name for p in ckpt.parent.iterdir()) == ["step-000002", "step-000004"]
     meta = json.loads((ckpt / "distributed.json").read_text())
     assert meta["world_size"] == 2 and meta["global_batch_size"] == 2 * w.B
     resumed = w.run("llama", "lora", SINGLE, w.train_config(1, "none", 4), tmp_path, resume_from=ckpt)

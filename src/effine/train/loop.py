@@ -93,6 +93,8 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
     batches = micro_batches(examples, cfg, pad_id, state.epoch, state.batch_index, dist)
     trainable = [p for p in model.parameters() if p.requires_grad]
     guard = NumericsGuard(cfg, metrics, log)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     samples = (run_dir / "samples.jsonl").open("a") if dist.is_main else open(os.devnull, "w")
 
     def checkpoint() -> Path:
@@ -102,12 +104,16 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
         return save_checkpoint(run_dir, model, optimizer, state, keep=cfg.keep_checkpoints, keep_best=cfg.keep_best,
                                fingerprint=fingerprint)
 
+    stopped_by: list[str] = []  # with several ranks: why this rank stops when it was not signalled itself
+
     def stopping() -> bool:
         """A stop signal was received; with several ranks, on any rank (all of them then stop at this step)."""
         if not dist.active:
             return stop.received is not None
         if dist.agree_to_stop(stop.received is not None):  # [distributed hook] one all-reduce per window
-            stop.received = stop.received or signal.SIGTERM
+            if stop.received is None:  # another rank was signalled
+                stopped_by.append("a stop signal on one of the ranks")
+                stop.received = signal.SIGTERM
             return True
         return False
 
@@ -164,7 +170,8 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
             # The last step (or the one a signal stopped at) is checkpointed before anything else is written.
             path = checkpoint() if state.step > 0 else None
             if stop.received:
-                raise Interrupted(stop.received, f"interrupted by {NAMES[stop.received]} at step {state.step}: "
+                what = stopped_by[0] if stopped_by else NAMES[stop.received]
+                raise Interrupted(stop.received, f"interrupted by {what} at step {state.step}: "
                                   f"saved checkpoint {path}; continue with `effine train CONFIG --resume`.")
         except (Interrupted, DiskFullError, CheckpointError):
             raise
