@@ -126,6 +126,10 @@ class TrainConfig:
     save_every: int | None = _f(None, "Checkpoint every N optimizer steps (unset: only at the end).")
     threads: int | None = _f(None, "CPU threads for torch (unset: all cores).")
     loss_impl: Literal["chunked", "reference"] = _f("chunked", "Loss kernel: chunked never builds full logits.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = _f(
+        [], "Experiment trackers that get the metrics.jsonl series and the config (secrets redacted): tensorboard "
+        "(RUN_DIR/tensorboard), wandb ($WANDB_PROJECT; WANDB_MODE=offline stays local), mlflow ($MLFLOW_TRACKING_URI, "
+        "else RUN_DIR/mlruns). Needs pip install 'effine[tracking]'.")
 
 
 @dataclass

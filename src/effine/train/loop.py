@@ -89,6 +89,7 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
                evaluate: Callable[[int], dict] | None = None, log: Callable[[str], None] = print) -> LoopResult:
     state = state or LoopState()
     total = plan_steps(len(examples), cfg)
+    metrics.write("start", step=state.step, total_steps=total)  # what `effine watch` counts toward
     batches = micro_batches(examples, cfg, pad_id, state.epoch, state.batch_index)
     trainable = [p for p in model.parameters() if p.requires_grad]
     old_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)

@@ -30,9 +30,12 @@ from effine.errors import ConfigError
 from effine.eval.evaluate import evaluate
 from effine.eval.generate import generate, prompt_from_example, prompt_ids_for, write_run_meta
 from effine.model.loader import cache_root, load_model, load_tokenizer, resolve_device, resolve_model_dir
+from effine.report import write_report_safely
+from effine.report.facts import run_facts, write_data_example
 from effine.train.checkpoint import LoopState, latest_checkpoint, load_checkpoint
 from effine.train.metrics import MetricsLog, plot_losses
 from effine.train.optim import build_optimizer
+from effine.train.trackers import open_trackers
 
 
 class RunLog:
@@ -157,6 +160,7 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.cache_dir, cfg.model.revision)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     train_set, eval_set, report = build_datasets(cfg.data, tokenizer, cache_dir=cache_root(cfg.model.cache_dir), log=log)
+    write_data_example(run_dir, train_set, tokenizer)  # for report.html (before packing mixes the samples)
     if cfg.data.format not in ("prompt_completion", "text"):
         from effine.data.template import resolve_chat_template
 
@@ -186,7 +190,7 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, cfg.train)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", trackers=open_trackers(cfg, run_dir))
     state, samples = LoopState(), []
     prompts = sample_prompts(cfg, tokenizer, eval_set)
     if resume:
@@ -223,8 +227,10 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
                "tokens_per_s": result.tokens_per_s, "supervised_per_s": result.supervised_per_s,
                "final_train_loss": result.last_loss, "eval_before": eval_before, "eval_after": eval_after,
                "data": report.to_dict() if hasattr(report, "to_dict") else None}
+    summary.update(run_facts(cfg), samples=samples)  # memory, environment, generations: for report.html
     _write_report(run_dir, cfg, summary, samples)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report_safely(run_dir, log)
     log(f"done: {run_dir}/report.md")
     return summary
 
