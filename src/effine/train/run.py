@@ -4,14 +4,17 @@
       config.yaml          the resolved config (after --set overrides and defaults)
       train.log            everything printed
       data_report.txt      rows kept/dropped (with file:line), token stats
-      metrics.jsonl        one JSON object per log/eval event
+      metrics.jsonl        one JSON object per log/eval event (and a "start" row with the planned total steps)
       checkpoints/         resumable checkpoints (trainable weights, optimizer, RNG, loop position)
       adapter/             PEFT-format adapter (adapter_config.json + adapter_model.safetensors) + tokenizer
                            + effine_run.json (how the base was built: dtype, quantization)
       model/               full fine-tuning (or output.save_merged): a transformers model dir
       report.md            before/after eval loss and sample generations
+      report.html          the run report page (effine.report): curves, data, memory, samples, environment
+      data_example.json    token-length histogram and one sample with its trained tokens, for report.html
       loss.png             the loss curves
-      summary.json         the numbers of report.md, machine-readable
+      summary.json         the numbers of report.md, machine-readable (+ memory, environment, samples)
+      tensorboard/ wandb/ mlruns/   when train.report_to names those trackers
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ class TensorBoardTracker:
     def __init__(self, run_dir: Path, params: dict[str, Any]):
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), flush_secs=10)  # live enough to follow
         table = "\n".join(f"    {k}: {v}" for k, v in flatten(params).items())  # indented: markdown code block
         self.writer.add_text("config", table, 0)
 
