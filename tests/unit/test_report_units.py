@@ -66,6 +66,10 @@ def test_hostile_run_files_cannot_inject_markup(tmp_path):
     assert "<script" not in page and "<img" not in page and 'onmouseover="' not in page
     assert page.count("&lt;script&gt;") >= 8  # it is all there, as text
     assert "<h2>Task metrics before / after" in page
+    (tmp_path / "outside.jsonl").write_text('{"prompt": "private"}\n')
+    run = load_run(tmp_path / "run")
+    run.summary["task_eval"].update(rows_before="../outside.jsonl", rows_after="../outside.jsonl")
+    assert "private" not in render_run(run)  # per-row files are read only from inside the run dir
 
 
 def test_live_run_state_and_eta(tmp_path):

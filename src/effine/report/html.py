@@ -103,8 +103,11 @@ def _task_section(run: RunData) -> str:
 
 def _task_rows(run: RunData, te: dict, limit: int = 6) -> str:
     """The first rows of the per-row files, before and after side by side (when both files are there)."""
-    files = [run.path / str(te.get(k, "")) for k in ("rows_before", "rows_after")]
-    if not all(te.get(k) for k in ("rows_before", "rows_after")) or not all(f.is_file() for f in files):
+    names = [str(te.get(k) or "") for k in ("rows_before", "rows_after")]
+    if not all(names) or any(Path(n).name != n for n in names):  # only files inside the run dir are read
+        return ""
+    files = [run.path / n for n in names]
+    if not all(f.is_file() for f in files):
         return ""
     before, after = (read_rows(f)[:limit] for f in files)
     rows = []
