@@ -20,8 +20,8 @@ BLUE, RED, GREEN = (0x25, 0x63, 0xEB), (0xDC, 0x26, 0x26), (0xBB, 0xF7, 0xD0)  #
 def test_report_page_has_every_section_and_escapes_user_text(reported_run):
     run, summary = reported_run
     page = (run / "report.html").read_text()
-    for title in ("Training curves", "Task metrics", "Generations before / after", "Data", "Memory: planned vs "
-                  "measured", "Config", "Run environment"):
+    for title in ("Training curves", "Task metrics", "Generations before / after", "Data",
+                  "Memory: planned vs measured", "Config", "Run environment"):
         assert f"<h2>{title}" in page, title
     assert "No task evaluation in this run" in page  # summary.json has no task_eval: said, not failed
     # self-contained: no script at all, nothing fetched (the CSP forbids both), charts are inline SVG
@@ -84,7 +84,7 @@ def _chromium(url: str, tmp: Path, shot: Path) -> str:
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp / 'profile'}", "--enable-logging=stderr", "--v=0", "--hide-scrollbars",
            "--window-size=1280,2400", f"--screenshot={shot}", url]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     return proc.stderr
 

@@ -119,8 +119,8 @@ def environment() -> dict[str, Any]:
         from effine.train.allocator import describe
 
         env["allocator"] = describe().removeprefix("allocator: ")
-    except Exception:  # noqa: BLE001
-        pass
+    except Exception as e:  # noqa: BLE001 - a report detail
+        env["allocator"] = f"unknown ({type(e).__name__})"
     if torch.cuda.is_available():
         env["cuda_device"] = torch.cuda.get_device_name(0)
     return env

@@ -4,6 +4,7 @@ code or phone home). Small HTML helpers that escape everything they are given li
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 from typing import Any
 
@@ -109,4 +110,4 @@ def mib(n: Any) -> str:
 
 
 def num(v: Any, digits: int = 4) -> str:
-    return f"{v:.{digits}f}" if isinstance(v, (int, float)) and v == v else "–"
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) and math.isfinite(v) else "–"

@@ -178,7 +178,8 @@ def interval_chart(title: str, rows: list[tuple[str, float, float | None, float 
     out = [head]
     for t in xt:
         out.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{PAD_T}" y2="{PAD_T + ph}" class="grid"/>'
-                   f'<text x="{sx(t):.1f}" y="{PAD_T + ph + 16}" text-anchor="middle" class="tick">{esc(fmt(t))}</text>')
+                   f'<text x="{sx(t):.1f}" y="{PAD_T + ph + 16}" text-anchor="middle" class="tick">'
+                   f"{esc(fmt(t))}</text>")
     for i, (lab, v, lo, up) in enumerate(rows):
         y = PAD_T + i * 34 + 7
         c = PALETTE[i % len(PALETTE)] if color is None else color
