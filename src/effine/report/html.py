@@ -30,16 +30,17 @@ def config_value(config: dict, key: str) -> Any:
     return node
 
 
-def curve_charts(runs: list[RunData]) -> list[str]:
+def curve_charts(runs: list[RunData], labels: list[str] | None = None) -> list[str]:
     """The four training charts; with several runs each run gets one colour across all charts."""
+    labels = labels or [r.name for r in runs]
     multi = len(runs) > 1
     loss = Chart("loss", "optimizer step", "loss (nats / supervised token)")
     lr = Chart("learning rate", "optimizer step", "lr")
     gn = Chart("gradient norm (before clipping)", "optimizer step", "global L2 norm")
     tps = Chart("throughput", "optimizer step", "tokens / s")
-    for i, run in enumerate(runs):
+    for i, (run, label) in enumerate(zip(runs, labels)):
         c, c2 = (PALETTE[i % len(PALETTE)],) * 2 if multi else (PALETTE[0], PALETTE[1])
-        tag = f"{run.name}: " if multi else ""
+        tag = f"{label}: " if multi else ""
         loss.series.append(Series(f"{tag}train loss", run.series("train", "loss"), c))
         loss.series.append(Series(f"{tag}eval loss", run.series("eval", "eval_loss"), c2, markers=True,
                                   dashed=True))
