@@ -79,7 +79,7 @@ def test_live_run_state_and_eta(tmp_path):
     st = state_of(run, now=112.0)
     assert (st.status, st.step, st.total) == ("running", 2, 10)
     assert st.eta == pytest.approx((110 - 100) / 2 * 8 - 2)  # 5 s/step, 8 steps left, 2 s since the last row
-    assert st.eval_loss == (2, 2.5) and st.elapsed == pytest.approx(12.0)
+    assert st.eval_loss == (2, 2.5) and st.elapsed == pytest.approx(12.0) and st.quiet_for == pytest.approx(1.0)
 
 
 def test_sparkline():

@@ -52,6 +52,7 @@ class WatchState:
     lr: float | None
     eval_loss: tuple[int, float] | None
     log_line: str
+    quiet_for: float | None = None  # seconds since the last metrics row (a stopped run stops updating)
 
 
 def _last_log_line(run_dir: Path) -> str:
@@ -90,7 +91,8 @@ def state_of(run: RunData, now: float | None = None) -> WatchState:
     return WatchState(status=status, step=step, total=total, elapsed=elapsed, eta=0.0 if run.finished else eta,
                       loss=[r["loss"] for r in train if isinstance(r.get("loss"), (int, float))],
                       last_loss=last.get("loss"), tokens_per_s=last.get("tokens_per_s"), lr=last.get("lr"),
-                      eval_loss=evals[-1] if evals else None, log_line=_last_log_line(run.path))
+                      eval_loss=evals[-1] if evals else None, log_line=_last_log_line(run.path),
+                      quiet_for=now - run.rows[-1]["time"] if run.rows and "time" in run.rows[-1] else None)
 
 
 def render(run: RunData, st: WatchState):
@@ -110,7 +112,8 @@ def render(run: RunData, st: WatchState):
                 Text(f"step {st.step:,} / {st.total:,}" if st.total else f"step {st.step:,} / ?")
                 + Text(f"  ({pct:.0f}%)"))
     grid.add_row("progress", bar)
-    grid.add_row("time", f"elapsed {_duration(st.elapsed)}   ETA {_duration(st.eta)}")
+    quiet = f"   last update {_duration(st.quiet_for)} ago" if st.status == "running" else ""
+    grid.add_row("time", f"elapsed {_duration(st.elapsed)}   ETA {_duration(st.eta)}{quiet}")
     if st.last_loss is not None:
         lo, hi = (min(st.loss), max(st.loss)) if st.loss else (st.last_loss, st.last_loss)
         grid.add_row("train loss", f"{st.last_loss:.4f}   (min {lo:.4f}, max {hi:.4f})")
