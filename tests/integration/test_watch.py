@@ -25,7 +25,7 @@ def test_watch_finished_run_prints_final_state_and_exits(reported_run, capsys):
     assert f"{summary['eval_before']['eval_loss']:.4f} → {summary['eval_after']['eval_loss']:.4f}" in out
     last = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in l][-1]
     assert f"{last['loss']:.4f}" in out and any(c in out for c in "▁▂▃▄▅▆▇█")
-    assert "report.html" in out
+    assert f"report: {run / 'report.html'}" in out
 
 
 def test_watch_live_training_from_another_process(tiny_llama_dir, tmp_path, capsys):

@@ -129,8 +129,6 @@ def render(run: RunData, st: WatchState):
         eb, ea = (s.get("eval_before") or {}).get("eval_loss"), (s.get("eval_after") or {}).get("eval_loss")
         if isinstance(eb, (int, float)) and isinstance(ea, (int, float)):
             grid.add_row("eval before → after", f"{eb:.4f} → {ea:.4f}")
-        if (run.path / "report.html").is_file():
-            grid.add_row("report", str(run.path / "report.html"))
     if st.log_line:
         grid.add_row("log", Text(st.log_line, style="dim", overflow="ellipsis", no_wrap=True))
     colour = {"finished": "green", "running": "cyan"}.get(st.status, "yellow")
@@ -148,6 +146,7 @@ def watch(run_dir: str | Path, interval: float = 2.0, once: bool = False, consol
     if once or st.status == "finished" or not console.is_terminal:
         console.print(render(run, st))
         if once or st.status == "finished":
+            _print_report_path(console, run)
             return st
     with Live(render(run, st), console=console, auto_refresh=False, transient=False) as live:
         while st.status != "finished":
@@ -155,4 +154,10 @@ def watch(run_dir: str | Path, interval: float = 2.0, once: bool = False, consol
             run = load_run(run_dir)
             st = state_of(run)
             live.update(render(run, st), refresh=True)
+    _print_report_path(console, run)
     return st
+
+
+def _print_report_path(console, run: RunData) -> None:
+    if (run.path / "report.html").is_file():  # unwrapped, so the path can be copied or clicked
+        console.print(f"report: {run.path / 'report.html'}", soft_wrap=True, markup=False, highlight=False)
