@@ -80,6 +80,8 @@ def test_live_run_state_and_eta(tmp_path):
     assert (st.status, st.step, st.total) == ("running", 2, 10)
     assert st.eta == pytest.approx((110 - 100) / 2 * 8 - 2)  # 5 s/step, 8 steps left, 2 s since the last row
     assert st.eval_loss == (2, 2.5) and st.elapsed == pytest.approx(12.0) and st.quiet_for == pytest.approx(1.0)
+    page = render_run(run)  # a live or crashed run still gets a page, saying what is missing
+    assert "no summary.json yet" in page and "<polyline " in page and "Not recorded" in page
 
 
 def test_sparkline():
