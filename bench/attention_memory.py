@@ -7,8 +7,8 @@ forward+backward. ``--device cuda`` measures ``torch.cuda.max_memory_allocated``
 warm-up). Eager materialises S and P (8 * T^2 fp32 each), so it grows ~4x per doubling of T; SDPA's
 CPU flash kernel keeps O and the logsumexp only, so it grows ~2x (linear).
 
-    python bench/attention_memory.py                 # T in 1024 2048 4096 8192
-    python bench/attention_memory.py --lengths 1024 2048 --docs 4 --json out.json
+    python -m bench.attention_memory                 # T in 1024 2048 4096 8192
+    python -m bench.attention_memory --lengths 1024 2048 --docs 4 --json out.json
 
 impls: eager (fp32 reference, explicit mask), sdpa (is_causal=True, no mask), packed (the row holds --docs
 documents; SDPA runs once per document), packed-mask (same documents through one SDPA call with a block-diagonal
@@ -126,7 +126,7 @@ def main() -> None:
                 print(f"{impl:12s} {T:6d} skipped: needs ~{est / 2**30:.1f} GiB")
                 rows.append({"impl": impl, "T": T, "skipped": True})
                 continue
-            cmd = [sys.executable, __file__, "--heads", str(args.heads), "--dim", str(args.dim),
+            cmd = [sys.executable, "-m", "bench.attention_memory", "--heads", str(args.heads), "--dim", str(args.dim),
                    "--docs", str(args.docs), "--device", args.device, "--_worker", impl, str(T)]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]

@@ -17,9 +17,9 @@ configs: ``eager`` (transformers' modules), ``fused-norecompute`` (fused RMSNorm
               time is the least contention-sensitive figure on a shared machine);
 * busy        cores other processes kept busy during the timed steps (from /proc/stat; 2-core machine shared).
 
-    python bench/fused_ops.py                       # both configs, 1 round
-    python bench/fused_ops.py --rounds 2 --json out.json
-    python bench/fused_ops.py --micro               # op-level fwd+bwd timings only (SmolLM2 shapes, bf16)
+    python -m bench.fused_ops                       # both configs, 1 round
+    python -m bench.fused_ops --rounds 2 --json out.json
+    python -m bench.fused_ops --micro               # op-level fwd+bwd timings only (SmolLM2 shapes, bf16)
 
 ``--micro`` times each op alone (forward + backward, bf16, 4*512 rows, SmolLM2's hidden 576 / MLP 1536), eager
 and fused alternating, median of ``--micro-repeats``: less exposed to contention than whole steps.
@@ -36,7 +36,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CONFIGS = ("eager", "fused-norecompute", "fused")
 
@@ -46,7 +45,7 @@ def _worker(config: str, B: int, T: int, warmup: int, steps: int, seed: int, thr
 
     if threads:
         torch.set_num_threads(threads)
-    from common import cpu_snapshot, foreign_cores, hwm_bytes, reset_peak, rss_bytes
+    from bench.common import cpu_snapshot, foreign_cores, hwm_bytes, reset_peak, rss_bytes
     from effine.adapters import inject_lora
     from effine.config import AdapterConfig
     from effine.data import collate
@@ -54,9 +53,9 @@ def _worker(config: str, B: int, T: int, warmup: int, steps: int, seed: int, thr
     from effine.model.loader import load_model, resolve_model_dir
     from effine.ops.attention import enable
     from effine.ops.swap import fuse_model
-    from effine.train.forward import loss_sum
-    from effine.train.loop import backward_window
-    from effine.train.measure import saved_for_backward_bytes
+    from effine.ops.model_loss import loss_sum
+    from effine.train.step import backward_window
+    from effine.plan.measure import saved_for_backward_bytes
 
     torch.manual_seed(seed)
     model = load_model(resolve_model_dir("smollm2-135m-instruct"), "bf16")
@@ -180,7 +179,7 @@ def main() -> None:
     print(hdr)
     for _ in range(args.rounds):
         for config in args.configs.split(","):
-            cmd = [sys.executable, __file__, "--batch", str(args.batch), "--length", str(args.length),
+            cmd = [sys.executable, "-m", "bench.fused_ops", "--batch", str(args.batch), "--length", str(args.length),
                    "--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed),
                    "--threads", str(args.threads), "--_worker", config]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())

@@ -1,7 +1,7 @@
 """CUDA micro-benchmark: 4-bit (NF4, double quant) dequantization to bf16, the ATen reference chain vs the Triton
 kernel of effine.quant.nf4_triton, on Llama/Mistral weight shapes. Also checks that both give identical bits.
 
-    python bench/gpu_dequant.py [--repeats 50] [--out results.json]
+    python -m bench.gpu_dequant [--repeats 50] [--out results.json]
 
 Time: median of ``--repeats`` CUDA-event-timed calls after 5 warm-ups. "GB/s" counts the bytes the kernel must
 touch at least (packed codes + absmax state read, bf16 written), so it is comparable to the card's bandwidth.
@@ -13,12 +13,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from effine.quant.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
 from effine.quant.nf4_triton import dequantize_4bit_triton  # noqa: E402

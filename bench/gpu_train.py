@@ -1,7 +1,7 @@
 """CUDA training-step benchmark: effine LoRA / QLoRA vs the usual transformers + PEFT LoRA, random-init large shapes.
 
-    python bench/gpu_train.py --models llama-1b,mistral-7b --out bench/results/gpu.json
-    python bench/gpu_train.py --tiny            # CPU smoke test of the script itself (tiny shapes)
+    python -m bench.gpu_train --models llama-1b,mistral-7b --out bench/results/gpu.json
+    python -m bench.gpu_train --tiny            # CPU smoke test of the script itself (tiny shapes)
 
 Each variant builds the model on the device in bf16 (random init: speed and memory do not depend on the weights),
 trains `--steps` steps on random token ids whose first half is masked out of the loss (a prompt share of one half),
@@ -23,20 +23,18 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from effine.adapters import inject_lora  # noqa: E402
 from effine.config import AdapterConfig  # noqa: E402
 from effine.model.tiny import random_large_config, tiny_config  # noqa: E402
 from effine.ops.attention import enable  # noqa: E402
 from effine.ops.swap import fuse_model  # noqa: E402
-from effine.train.loop import backward_window  # noqa: E402
+from effine.train.step import backward_window  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -82,8 +80,7 @@ def batch_for(cfg, bsz: int, seq: int, device: str) -> dict:
     labels[:, : seq // 2] = -100
     return {"input_ids": ids.to(device), "labels": labels.to(device),
             "attention_mask": torch.ones_like(ids).to(device),
-            "position_ids": torch.arange(seq).expand(bsz, seq).contiguous().to(device),
-            "doc_lengths": [[seq]] * bsz}
+            "position_ids": torch.arange(seq).expand(bsz, seq).contiguous().to(device)}
 
 
 def run_variant(variant: str, name: str, args, device: str) -> dict:
@@ -136,7 +133,7 @@ def run_variant(variant: str, name: str, args, device: str) -> dict:
            "tokens_per_s": tokens / median, "step_s_median": median, "first_loss": losses[0],
            "last_loss": losses[-1],
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
-    del model, opt, params
+    model = opt = params = step = None  # free this variant before the next one is built
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()

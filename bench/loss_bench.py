@@ -4,10 +4,10 @@ Not a test. Each (config, impl) point runs in a fresh subprocess so that ``ru_ma
 set) measures that point alone; we report the peak minus the resident set right before the loss call (inputs and
 the torch runtime are already resident then, so the delta is the loss's own working memory).
 
-    python bench/loss_bench.py                      # N=4096 tokens, half labelled, bf16, V in {49152, 262144}
-    python bench/loss_bench.py --frozen-weight      # LoRA case: lm_head frozen, no dL/dW
-    python bench/loss_bench.py --json out.json
-    python bench/loss_bench.py --device cuda --reps 5   # torch.cuda.max_memory_allocated instead of RSS
+    python -m bench.loss_bench                      # N=4096 tokens, half labelled, bf16, V in {49152, 262144}
+    python -m bench.loss_bench --frozen-weight      # LoRA case: lm_head frozen, no dL/dW
+    python -m bench.loss_bench --json out.json
+    python -m bench.loss_bench --device cuda --reps 5   # torch.cuda.max_memory_allocated instead of RSS
 
 A point whose rough estimate exceeds the memory limit (default: 85% of MemAvailable) is skipped, not run: the
 reference at V=262144 needs ~4 (N, V) fp32 buffers.
@@ -127,7 +127,7 @@ def main() -> None:
                 rows.append({"impl": impl, "vocab": vocab, "hidden": hidden, "skipped": skip})
                 print(f"{name:32s} {impl:10s} skipped (needs ~{est / 2**30:.1f} GiB > limit {limit / 2**30:.1f})")
                 continue
-            cmd = [sys.executable, __file__, "--n", str(args.n), "--reps", str(args.reps), "--device", args.device,
+            cmd = [sys.executable, "-m", "bench.loss_bench", "--n", str(args.n), "--reps", str(args.reps), "--device", args.device,
                    "--_worker", impl, str(vocab), str(hidden), "1" if args.frozen_weight else "0"]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]

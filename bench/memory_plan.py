@@ -9,9 +9,9 @@ baseline* (the RSS after importing torch, transformers and effine): the predicti
 returns it on free, so RSS follows the live bytes; it is compared with the plan without its allocator term. The gap
 between the two measurements is glibc's heap retention, which the plan's allocator term models.
 
-    python bench/memory_plan.py                           # all 16 cases, ~30-40 min on 2 cores
-    python bench/memory_plan.py --models smollm2-135m-instruct --shapes 2x256 --steps 2 --live
-    python bench/memory_plan.py --out bench/results/memory_plan.md --json bench/results/memory_plan.json
+    python -m bench.memory_plan                           # all 16 cases, ~30-40 min on 2 cores
+    python -m bench.memory_plan --models smollm2-135m-instruct --shapes 2x256 --steps 2 --live
+    python -m bench.memory_plan --out bench/results/memory_plan.md --json bench/results/memory_plan.json
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ import argparse
 import datetime
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 MODELS = ("smollm2-135m-instruct", "gemma3-270m")
 METHODS = ("lora", "nf4")
@@ -57,8 +55,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="reuse the cases already in --json")
     args = ap.parse_args()
 
-    from effine.train.measure import measure_peak
-    from effine.train.memory import GiB, plan_memory
+    from effine.plan.measure import measure_peak
+    from effine.plan.memory import GiB, plan_memory
 
     rows = []
     done: dict[tuple, dict] = {}
@@ -114,7 +112,7 @@ def format_table(rows: list[dict], args) -> str:
     head = ("| model | method | B x T | ckpt | predicted GiB | measured GiB | error | peak phase (plan) | "
             "measured load / train GiB |" + (" live pred / meas GiB | live error |" if live else ""))
     sep = "|" + "---|" * (head.count("|") - 1)
-    lines = [f"# effine plan: predicted vs measured peak memory (CPU)", "",
+    lines = ["# effine plan: predicted vs measured peak memory (CPU)", "",
              f"{datetime.date.today()}, {platform.machine()}, torch {torch.__version__}, transformers "
              f"{transformers.__version__}, {args.steps} steps per case, bf16 base, LoRA r=16 on all linears (fp32 "
              "adapters), random fully-supervised token ids.", "",

@@ -14,8 +14,8 @@ Procedure (one script, fixed settings chosen before running; nothing is tuned on
    the same held-out rows (the run's own eval split, first ``--eval-rows`` rows), one row at a time, so per-row
    losses give a paired comparison: a bootstrap over rows of (plain-FT PTQ - QAT-FT PTQ).
 
-    python bench/qat_vs_ptq.py              # 22 min wall on a shared 2-core box; bench/results/qat_vs_ptq.{md,json}
-    python bench/qat_vs_ptq.py --steps 4 --eval-rows 8 --out /tmp/smoke     # plumbing check, ~3 min
+    python -m bench.qat_vs_ptq              # 22 min wall on a shared 2-core box; bench/results/qat_vs_ptq.{md,json}
+    python -m bench.qat_vs_ptq --steps 4 --eval-rows 8 --out /tmp/smoke     # plumbing check, ~3 min
 
 Run dirs and PTQ exports go under ``--work`` (default /tmp/effine-qat-vs-ptq; ~2 GB). ``--reuse`` skips the
 training runs whose summary.json exists (same settings are checked).
@@ -99,7 +99,7 @@ def eval_rows(args, model_dir: Path):
 def row_losses(model, rows, pad_id) -> list[tuple[float, int]]:
     """(summed loss, supervised tokens) per held-out row, computed exactly as effine's eval does (loss_sum)."""
     from effine.data import collate
-    from effine.train.forward import loss_sum
+    from effine.ops.model_loss import loss_sum
 
     model.eval()
     out = []
@@ -245,7 +245,7 @@ def render(d: dict) -> str:
         f"QAT-FT fp {r['QAT-FT fp']['eval_loss']:.4f} vs plain-FT fp {r['plain-FT fp']['eval_loss']:.4f}; "
         "a QAT model is meant to be deployed quantized. Rows are truncated to max_length tokens and only "
         "assistant tokens are scored.",
-        "", "Reproduce: `python bench/qat_vs_ptq.py` (settings above are the defaults).", "",
+        "", "Reproduce: `python -m bench.qat_vs_ptq` (settings above are the defaults).", "",
     ]
     return "\n".join(lines)
 

@@ -8,8 +8,8 @@ Both runs report the held-out loss before and after training on the same eval ro
 and the training tokens/s the loop measured. The two runs are sequential in one process; compare tokens/s only
 from the same invocation.
 
-    python bench/qlora_vs_lora.py                    # ~8 min on 2 cores; appends bench/results/qlora_vs_lora.md
-    python bench/qlora_vs_lora.py --steps 4 --out /tmp/smoke   # plumbing check
+    python -m bench.qlora_vs_lora                    # ~8 min on 2 cores; appends bench/results/qlora_vs_lora.md
+    python -m bench.qlora_vs_lora --steps 4 --out /tmp/smoke   # plumbing check
 
 The goal in issue 4: eval loss within 2% of bf16 LoRA, tokens/s >= 0.8x.
 """
@@ -20,11 +20,9 @@ import argparse
 import datetime as dt
 import json
 import platform
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 
 def main(argv=None) -> int:
@@ -76,7 +74,7 @@ def main(argv=None) -> int:
            "runs": res, "eval_loss_rel_diff": rel, "tokens_per_s_ratio": speed}
     md = [f"## QLoRA (nf4) vs bf16 LoRA — {rep['date']}", "",
           f"`{Path(args.config).name}`, {args.steps} steps each, same data/order/seed; torch {torch.__version__}, "
-          f"{rep['threads']} threads, CPU. Command: `python bench/qlora_vs_lora.py --config "
+          f"{rep['threads']} threads, CPU. Command: `python -m bench.qlora_vs_lora --config "
           f"configs/{Path(args.config).name} --steps {args.steps}" + "".join(f" --set {q}" for q in args.both)
           + "".join(f" --qset {q}" for q in args.qset)
           + "`", "",

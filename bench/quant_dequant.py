@@ -1,6 +1,6 @@
 """Micro-benchmark: NF4 dequantization and QuantLinear forward+backward vs a bf16 nn.Linear (CPU, bf16 compute).
 
-Run:  python bench/quant_dequant.py [--tokens 256] [--repeats 15] [--threads N]
+Run:  python -m bench.quant_dequant [--tokens 256] [--repeats 15] [--threads N]
 
 For each weight shape (out_features, in_features) it reports the median wall time of
   * dequantize: NF4 (double quant) -> bf16 dense weight,

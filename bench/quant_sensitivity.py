@@ -9,8 +9,8 @@ weights: a group whose gap share is far above its weight share is a candidate fo
 The weights are round-tripped (quantize then dequantize) in place, so each measurement is exactly what a
 QuantLinear of that method computes; no training is involved.
 
-    python bench/quant_sensitivity.py --config configs/smollm2-135m-lora.yaml           # ~2 min on 2 cores
-    python bench/quant_sensitivity.py --config configs/gemma3-270m-lora.yaml --by type,layer
+    python -m bench.quant_sensitivity --config configs/smollm2-135m-lora.yaml           # ~2 min on 2 cores
+    python -m bench.quant_sensitivity --config configs/gemma3-270m-lora.yaml --by type,layer
 
 Appends a section to bench/results/quant_sensitivity.md and writes a JSON file next to it.
 """
@@ -21,7 +21,6 @@ import argparse
 import datetime as dt
 import json
 import re
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -45,13 +44,13 @@ def main(argv=None) -> int:
     from effine.eval.evaluate import evaluate
     from effine.model.loader import cache_root, load_tokenizer, resolve_model_dir
     from effine.quant import QuantLinear
-    from effine.train.run import prepare_model
+    from effine.recipe import ModelRecipe, build_model
 
     cfg = load_config(args.config, ["quant.method=none", f"eval.max_batches={args.eval_batches}"])
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.cache_dir, cfg.model.revision)
     tok = load_tokenizer(model_dir)
     _, eval_set, _ = build_datasets(cfg.data, tok, cache_dir=cache_root(cfg.model.cache_dir), log=lambda *a: None)
-    model = prepare_model(cfg, model_dir, lambda *a: None)  # the training model: fused ops, LoRA wrappers (B = 0)
+    model = build_model(ModelRecipe.from_config(cfg), model_dir=model_dir)  # the training model: fused ops, LoRA wrappers (B = 0)
     model.eval()
     bs = cfg.eval.batch_size or cfg.train.batch_size
 
@@ -104,7 +103,7 @@ def main(argv=None) -> int:
     (out / f"quant_sensitivity-{name}-{args.method}.json").write_text(json.dumps(rep, indent=1))
     md = [f"## {name}: {args.method} (block {args.blocksize}) sensitivity — {date}", "",
           f"Held-out loss ({args.eval_batches} eval batches): bf16 {l_ref:.4f}, every linear {args.method} "
-          f"{l_all:.4f} ({l_all / l_ref - 1:+.2%}). Command: `python bench/quant_sensitivity.py --config "
+          f"{l_all:.4f} ({l_all / l_ref - 1:+.2%}). Command: `python -m bench.quant_sensitivity --config "
           f"configs/{Path(args.config).name} --method {args.method} --by {args.by}`", "",
           "| group kept in bf16 | loss | share of the gap | share of the weights | ratio |", "|---|---|---|---|---|"]
     md += [f"| {r['group']} | {r['loss']:.4f} | {r['gap_share']:.1%} | {r['weight_share']:.1%} | "
@@ -116,5 +115,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE.parent / "src"))
     raise SystemExit(main())

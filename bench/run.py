@@ -1,9 +1,9 @@
 """effine vs the usual baseline (TRL SFTTrainer + PEFT LoRA) on CPU, at matched settings. A script, not a test.
 
     export EFFINE_CACHE=/work/main/.cache
-    python bench/run.py --workloads smollm2-chat-512 --steps 10 --warmup 3 --repeats 2 --mode matched,shipped
-    python bench/run.py --workloads smollm2-chat-512 --steps 2 --warmup 1 --repeats 1 --mode matched   # smoke
-    python bench/run.py --workloads smollm2-chat-512 --profile-only                    # one profiled effine step
+    python -m bench.run --workloads smollm2-chat-512 --steps 10 --warmup 3 --repeats 2 --mode matched,shipped
+    python -m bench.run --workloads smollm2-chat-512 --steps 2 --warmup 1 --repeats 1 --mode matched   # smoke
+    python -m bench.run --workloads smollm2-chat-512 --profile-only                    # one profiled effine step
 
 What happens, per workload:
 
@@ -64,10 +64,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import workloads as W  # noqa: E402
-from common import BENCH_DIR, cpu_snapshot, loadavg, parse_result  # noqa: E402
-from report import CAVEATS, choose_headline, markdown, parity, summarise  # noqa: E402
+from bench import workloads as W  # noqa: E402
+from bench.common import BENCH_DIR, cpu_snapshot, loadavg, parse_result  # noqa: E402
+from bench.report import CAVEATS, choose_headline, markdown, parity, summarise  # noqa: E402
 
 RESULTS = BENCH_DIR / "results"
 MB = 2**20
@@ -163,8 +162,8 @@ def run_worker(kind: str, data: Path, steps: int, threads: int, timeout: int, ex
                log=print) -> dict[str, Any]:
     # kind: effine | effine-<quant> | trl-<mode> | trl-<mode>-<quant>
     parts = kind.split("-")
-    script = BENCH_DIR / ("worker_effine.py" if parts[0] == "effine" else "worker_trl.py")
-    cmd = [sys.executable, str(script), "--data", str(data), "--steps", str(steps), "--threads", str(threads),
+    module = "bench.worker_effine" if parts[0] == "effine" else "bench.worker_trl"
+    cmd = [sys.executable, "-m", module, "--data", str(data), "--steps", str(steps), "--threads", str(threads),
            "--t-spawn", repr(time.time())]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if parts[0] != "effine":
@@ -172,13 +171,12 @@ def run_worker(kind: str, data: Path, steps: int, threads: int, timeout: int, ex
         # MALLOC_CONF), so the comparison shows how much of the difference is the heap allocator.
         cmd += ["--mode", "matched" if parts[1] == "jemalloc" else parts[1]]
         if parts[1] == "jemalloc":
-            sys.path.insert(0, str(BENCH_DIR.parent / "src"))
-            from effine.train import allocator
+            from effine.system import allocator
 
             lib = allocator.find_jemalloc()
             if lib is None:
                 return {"error": "no libjemalloc.so.2 found (effine fetches one into its cache: "
-                                 "python -c 'from effine.train import allocator; allocator.fetch()')"}
+                                 "python -c 'from effine.system import allocator; allocator.fetch()')"}
             env["LD_PRELOAD"] = f"{lib}:{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else str(lib)
             env["MALLOC_CONF"] = allocator.JEMALLOC_CONF
     quant = parts[-1] if len(parts) == (2 if parts[0] == "effine" else 3) else None
@@ -332,7 +330,7 @@ def main() -> None:
     if args.render:
         print(markdown(json.loads(Path(args.render).read_text())))
         return
-    args.command = "python bench/run.py " + " ".join(sys.argv[1:])
+    args.command = "python -m bench.run " + " ".join(sys.argv[1:])
     if not os.environ.get("EFFINE_CACHE"):
         print("note: EFFINE_CACHE is unset; effine's cache defaults to ~/.cache/effine", file=sys.stderr)
     for name in args.workloads:

@@ -39,12 +39,9 @@ T_START = time.time()
 
 import argparse  # noqa: E402
 import os  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RssSampler, batch_stats, cpu_snapshot, emit, foreign_cores, heldout_loss,  # noqa: E402
+from bench.common import (RssSampler, batch_stats, cpu_snapshot, emit, foreign_cores, heldout_loss,  # noqa: E402
                     hwm_bytes, loadavg, lora_a_init, maxrss_bytes, read_workload_file, reset_peak, rss_bytes)
 
 

@@ -39,8 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE_DIR  # noqa: E402
+from bench.common import CACHE_DIR  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HELDOUT = 16  # held-out examples per workload file (never in a batch)
@@ -271,6 +270,6 @@ def get(name: str, packing: bool = False) -> Workload:
     return replace(w, packing=True) if packing else w
 
 
-if __name__ == "__main__":  # python bench/workloads.py NAME [N_BATCHES]: build the file and print its path
+if __name__ == "__main__":  # python -m bench.workloads NAME [N_BATCHES]: build the file and print its path
     w = get(sys.argv[1])
     print(prepare(w, int(sys.argv[2]) if len(sys.argv) > 2 else 16))

@@ -55,7 +55,8 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
         k = int(torch.randint(1, 3, (1,), generator=g))
         msgs = []
         for t in range(k):
-            q = " ".join(words[int(j)] for j in torch.randint(0, 10, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g))
+            n = int(torch.randint(2, 8, (1,), generator=g))
+            q = " ".join(words[int(j)] for j in torch.randint(0, 10, (n,), generator=g))
             msgs += [{"role": "user", "content": f"say {q}"}, {"role": "assistant", "content": q}]
         rows.append({"messages": msgs})
     return rows

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,15 +57,16 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = _f("builtin:chitchat", "Training data: a .jsonl/.json/.csv/.parquet file, or builtin:NAME "
-                   "(builtin:chitchat: 4k human conversations; builtin:chitchat-completion: the same as prompt/completion "
-                   "text; builtin:evals: chat tasks with ideal answers).")
+                   "(builtin:chitchat: 4k human conversations; builtin:chitchat-completion: the same as "
+                   "prompt/completion text; builtin:evals: chat tasks with ideal answers).")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = _f(
         "auto", "Row format; auto detects it from the first row's keys.")
     eval_path: str | None = _f(None, "Held-out data file; when unset, `eval_fraction` of the rows are held out.")
-    eval_fraction: float = _f(0.05, "Share of rows held out for eval when `eval_path` is unset (0 disables eval).")
-    max_eval_rows: int | None = _f(200, "Cap on held-out rows (keeps periodic eval cheap).")
-    limit: int | None = _f(None, "Use only the first N rows of the training file (after shuffling: no).")
-    max_length: int = _f(512, "Maximum tokens per sample (and per packed row).")
+    eval_fraction: float = _f(0.05, "Share of rows held out for eval when `eval_path` is unset (0 disables eval).",
+                              min=0.0, max=1.0)
+    max_eval_rows: int | None = _f(200, "Cap on held-out rows (keeps periodic eval cheap).", min=0)
+    limit: int | None = _f(None, "Use only the first N rows of the training file (after shuffling: no).", min=1)
+    max_length: int = _f(512, "Maximum tokens per sample (and per packed row).", min=1)
     overlength: Literal["truncate", "drop", "error"] = _f(
         "truncate", "What to do with samples longer than max_length.")
     train_on: Literal["assistant", "last_assistant", "all"] = _f(
@@ -76,6 +78,10 @@ class DataConfig:
     system_prompt: str | None = _f(None, "System message prepended to every conversation that has none.")
     packing: bool = _f(False, "Pack several samples per row (attention stays within each sample).")
     seed: int = _f(1234, "Seed for the train/eval split and the shuffling order.")
+    max_bad_fraction: float = _f(0.1, "Stop when more than this share of the rows read are dropped as unusable (no "
+                                 "assistant turn, empty or non-text content, tool calls, overlong lines; listed in "
+                                 "data_report.txt). Rows dropped by data.overlength: drop do not count. 1 disables.",
+                                 min=0.0, max=1.0)
 
 
 @dataclass
@@ -92,8 +98,8 @@ class AdapterConfig:
 @dataclass
 class QuantConfig:
     method: Literal["none", "nf4", "fp4", "int8", "int4"] = _f("none", "Store frozen base weights quantized (QLoRA).")
-    group_size: int = _f(64, "Group size for int4/int8 affine quantization.")
-    blocksize: int = _f(64, "Block size for nf4/fp4.")
+    group_size: int = _f(64, "Group size for int4/int8 affine quantization.", min=1)
+    blocksize: int = _f(64, "Block size for nf4/fp4.", min=1)
     double_quant: bool = _f(True, "Quantize the nf4/fp4 block scales too (QLoRA double quantization).")
     skip_modules: list[str] | None = _f(None, "Linear layers that quant.method leaves in model.dtype: module name "
                                         "suffixes or qualified names, matched like adapter.target_modules (e.g. "
@@ -107,25 +113,28 @@ class QuantConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).")
-    max_steps: int | None = _f(None, "Optimizer steps to run (overrides epochs).")
+    epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).", min=0.0)
+    max_steps: int | None = _f(None, "Optimizer steps to run (overrides epochs).", min=1)
     batch_size: int = _f(4, "Samples per micro-batch.", min=1)
     grad_accum: int = _f(1, "Micro-batches per optimizer step. The loss is normalised by the supervised tokens "
                          "of the whole window, so batch 8 x accum 1 == batch 1 x accum 8.", min=1)
     lr: float = _f(2e-4, "Peak learning rate.", min=0.0)
     weight_decay: float = _f(0.0, "AdamW weight decay, applied to weight matrices only (not to norms and biases).")
     betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
-    warmup_steps: int | None = _f(None, "Linear warmup steps; unset uses warmup_ratio.")
+    warmup_steps: int | None = _f(None, "Linear warmup steps; unset uses warmup_ratio.", min=0)
     warmup_ratio: float = _f(0.05, "Warmup as a share of total steps.", min=0.0, max=1.0)
     schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate decay after warmup.")
-    min_lr_ratio: float = _f(0.1, "Final learning rate as a share of the peak (cosine/linear).")
+    min_lr_ratio: float = _f(0.1, "Final learning rate as a share of the peak (cosine/linear).", min=0.0, max=1.0)
     max_grad_norm: float | None = _f(1.0, "Clip gradients to this global norm (unset: no clipping).")
     seed: int = _f(42, "Seed for initialisation, dropout and data order.")
     log_every: int = _f(10, "Log metrics every N optimizer steps.", min=1)
-    eval_every: int | None = _f(None, "Evaluate every N optimizer steps (unset: only at the start and end).")
-    save_every: int | None = _f(None, "Checkpoint every N optimizer steps (unset: only at the end).")
-    threads: int | None = _f(None, "CPU threads for torch (unset: all cores).")
+    eval_every: int | None = _f(None, "Evaluate every N optimizer steps (unset: only at the start and end).", min=1)
+    save_every: int | None = _f(None, "Checkpoint every N optimizer steps (unset: only at the end).", min=1)
+    threads: int | None = _f(None, "CPU threads for torch (unset: all cores).", min=1)
     loss_impl: Literal["chunked", "reference"] = _f("chunked", "Loss kernel: chunked never builds full logits.")
+    loss_chunk_mb: int = _f(128, "Chunked loss: MiB of logits computed at a time (rows per chunk = this / (vocab "
+                            "x dtype bytes)); smaller saves memory on large vocabularies, larger has fewer chunks.",
+                            min=1)
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = _f(
         [], "Experiment trackers that get the metrics.jsonl series and the config (secrets redacted): tensorboard "
         "(RUN_DIR/tensorboard), wandb ($WANDB_PROJECT; WANDB_MODE=offline stays local), mlflow ($MLFLOW_TRACKING_URI, "
@@ -141,11 +150,39 @@ class EvalConfig:
     max_new_tokens: int = _f(48, "Tokens to generate per sample prompt.", min=1)
 
 
+def check_repo_id(repo_id: str, where: str = "--repo") -> str:
+    """``namespace/name`` with the Hub's allowed characters; a ConfigError naming ``where`` otherwise."""
+    import re
+
+    if not isinstance(repo_id, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo_id) \
+            or ".." in repo_id or len(repo_id) > 96:
+        raise ConfigError(f"{where}: {repo_id!r} is not a Hub repo id; write it as user/name (e.g. "
+                          "alice/smollm2-chat): letters, digits, '-', '_', '.'.")
+    return repo_id
+
+
+@dataclass
+class PushConfig:
+    repo: str | None = _f(None, "Hub repo (user/name) to push to at the end of `effine train` (the same as "
+                          "`effine push RUN_DIR --repo ...`); unset: no push. A failed push keeps the run and logs "
+                          "the command to retry.")
+    what: Literal["adapter", "merged", "gguf"] | None = _f(
+        None, "What to push: adapter (PEFT), merged (merges first when needed) or gguf (needs RUN_DIR/gguf/*.gguf); "
+        "unset: adapter for LoRA runs, merged for full fine-tuning.")
+    private: bool = _f(False, "Create the repo as private (an existing repo keeps its visibility).")
+    revision: str | None = _f(None, "Branch to push to (created when missing); unset: main.")
+
+    def __post_init__(self) -> None:
+        if self.repo is not None:
+            check_repo_id(self.repo, "output.push.repo")
+
+
 @dataclass
 class OutputConfig:
     dir: str = _f("runs/{model}-{method}", "Run directory ({model} and {method} are filled in).")
     overwrite: bool = _f(False, "Allow writing into a run directory that already holds a finished run.")
     save_merged: bool = _f(False, "Also save the merged model (base + adapter) as a transformers model dir.")
+    push: PushConfig = field(default_factory=PushConfig)
 
 
 @dataclass
@@ -190,33 +227,51 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}.")
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}. Write it as a YAML "
+                              f"list, e.g. {path.rsplit('.', 1)[-1]}: [{value!r}].")
         return [_check_value(f"{path}[{i}]", v, args[0], {}) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}.")
+            raise ConfigError(f"{path}: expected true or false, got {type(value).__name__} {value!r}. Write "
+                              f"{path.rsplit('.', 1)[-1]}: true (or false), without quotes.")
         return value
     if tp in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}.")
+            one = " a single value, not a list;" if isinstance(value, (list, dict)) else ""
+            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}. Write{one} "
+                              f"e.g. {path.rsplit('.', 1)[-1]}: {1 if tp is int else 0.0002} (no quotes).")
         if tp is int and float(value) != int(value):
-            raise ConfigError(f"{path}: expected a whole number, got {value!r}.")
+            raise ConfigError(f"{path}: expected a whole number, got {value!r}. Round it, e.g. {round(value)}.")
         value = tp(value)
         if "min" in meta and value < meta["min"]:
-            raise ConfigError(f"{path}: {value} is below the minimum {meta['min']}.")
+            raise ConfigError(f"{path}: {value} is below the minimum {meta['min']}. Set it to {meta['min']} or more"
+                              f"{' (or leave it unset)' if _optional(path) else ''}.")
         if "max" in meta and value > meta["max"]:
-            raise ConfigError(f"{path}: {value} is above the maximum {meta['max']}.")
+            raise ConfigError(f"{path}: {value} is above the maximum {meta['max']}. Set it to {meta['max']} or less.")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}.")
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}. Quote it, e.g. "
+                              f"{path.rsplit('.', 1)[-1]}: \"{value}\".")
         return value
     return value
 
 
+def _optional(path: str) -> bool:
+    """Whether the field at ``path`` may be left unset (None)."""
+    cls: Any = Config
+    *sections, name = path.split(".")
+    for s in sections:
+        cls = typing.get_type_hints(cls).get(s)
+    tp = typing.get_type_hints(cls).get(name) if dataclasses.is_dataclass(cls) else None
+    return type(None) in typing.get_args(tp)
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(data).__name__}.")
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(data).__name__} {data!r}. "
+                          f"Write {prefix or 'each section'}: on its own line, then indented key: value lines "
+                          "(`effine config keys` lists them).")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -232,10 +287,23 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2's reading of exponent numbers without a dot (``1e-4``, ``5E3``) as floats:
+    YAML 1.1, which PyYAML implements, makes them strings, which is never what a learning rate means."""
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 — a SafeLoader subclass: no Python objects
+
+
 def _parse_scalar(text: str) -> Any:
     """`--set` values are YAML scalars: 1e-4 -> float, true -> bool, null -> None, [a, b] -> list."""
     try:
-        value = yaml.safe_load(text)
+        value = _yaml(text)
     except yaml.YAMLError:
         return text
     if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string; accept the float people mean.
@@ -274,11 +342,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"{path}: config file not found. See configs/ for examples.")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = _yaml(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
             raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8.") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, train: ...).")
     raw = apply_overrides(raw, overrides or [])

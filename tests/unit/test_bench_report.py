@@ -14,14 +14,13 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 @pytest.fixture(scope="module")
 def run_mod():
-    sys.path.insert(0, str(BENCH))
+    # bench/ is a package run from the repository root (python -m bench.run); tests import it the same way
+    root = str(BENCH.parent)
+    sys.path.insert(0, root)
     try:
-        spec = importlib.util.spec_from_file_location("effine_bench_report", BENCH / "report.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield mod
+        yield importlib.import_module("bench.report")
     finally:
-        sys.path.remove(str(BENCH))
+        sys.path.remove(root)
 
 
 def _run(repeat: int, steps: list[tuple[int, float]], warmup_steps: int = 1) -> dict:

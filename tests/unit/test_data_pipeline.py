@@ -70,7 +70,7 @@ def test_content_problems_are_dropped_counted_and_summarised(smol, tmp_path):
     rows[4] = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}
     p = write_jsonl(tmp_path / "d.jsonl", rows)
     logs: list[str] = []
-    train, eval_, report = build(p, smol, tmp_path, logs, eval_fraction=0.0)
+    train, eval_, report = build(p, smol, tmp_path, logs, eval_fraction=0.0, max_bad_fraction=0.5)
     assert len(train) == 4
     assert report.dropped == {"no assistant turn": 1, "empty message content": 1}
     assert report.dropped_at["no assistant turn"] == [f"{p}:3"]

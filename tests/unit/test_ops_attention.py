@@ -19,7 +19,6 @@ from effine.ops.attention import (
     cu_seqlens_from_position_ids,
     enable,
     flash_attention_reference,
-    packed_sequences,
     register,
     select_backend,
 )
@@ -270,16 +269,6 @@ def test_cu_seqlens_helpers():
     assert cu_seqlens_from_position_ids(pos).tolist() == [0, 3, 5, 9, 16, 18]
     assert cu_seqlens_from_position_ids(torch.arange(9)[None].expand(2, -1)) is None
     with pytest.raises(ValueError):
-        with packed_sequences([0, 5, 5, 9]):
-            pass
-    with pytest.raises(ValueError):
-        with packed_sequences([[3, 0]]):
-            pass
-    spec = A._PackedSpec([[3, 2], [7]])
-    assert spec.resolve(2, 8).tolist() == [0, 3, 5, 8, 15, 16]  # padding tails become segments
-    with pytest.raises(ValueError):
-        spec.resolve(2, 4)  # row 0 does not fit
-    with pytest.raises(ValueError):
         attention(*_qkv(T=8), cu_seqlens=torch.tensor([0, 4, 9]))  # does not end at B*T
 
 
@@ -356,13 +345,10 @@ def test_llama_padding_matches_eager(backend):
     _close(out[real], ref[real])
 
 
-def _packed_vs_separate(model, backend, lens, use_position_ids=True, checkpointing=False):
+def _packed_vs_separate(model, backend, lens, checkpointing=False):
     """Logits and parameter grads of one packed row vs the documents run one by one (same total loss).
 
-    With ``use_position_ids`` the packed row restarts its positions at every document (the data pipeline's
-    format). Without, positions keep counting and the boundaries come only from :func:`packed_sequences`; the
-    separate runs then get the same absolute positions, so RoPE matches and any difference is attention leakage.
-    """
+    The packed row restarts its positions at every document (the data pipeline's format)."""
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(2)
     docs = [torch.randint(0, 128, (1, n), generator=g).to(dev) for n in lens]
@@ -371,7 +357,7 @@ def _packed_vs_separate(model, backend, lens, use_position_ids=True, checkpointi
     model.zero_grad()
     sep_logits = []
     for d, s in zip(docs, offsets.tolist()):
-        pos = torch.arange(d.shape[1], device=dev)[None] + (0 if use_position_ids else s)
+        pos = torch.arange(d.shape[1], device=dev)[None]
         out = model(d, labels=d, position_ids=pos, use_cache=False)
         (out.loss * (d.shape[1] - 1)).backward()  # sum, not mean, so docs add up
         sep_logits.append(out.logits.detach())
@@ -382,28 +368,20 @@ def _packed_vs_separate(model, backend, lens, use_position_ids=True, checkpointi
     labels[0, offsets[1:-1]] = -100  # a document's first token is not predicted from the previous document
     enable(model)
     model.zero_grad()
-    if use_position_ids:
-        pos = torch.cat([torch.arange(n) for n in lens])[None].to(dev)
-        ctx = attention_backend(backend)
-    else:
-        pos = torch.arange(sum(lens), device=dev)[None]
-        ctx = packed_sequences(offsets)
+    pos = torch.cat([torch.arange(n) for n in lens])[None].to(dev)
     if checkpointing:
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     with attention_backend(backend):
-        with ctx:
-            out = model(packed, position_ids=pos, use_cache=False)
+        out = model(packed, position_ids=pos, use_cache=False)
         loss = F.cross_entropy(out.logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
-        loss.backward()  # outside packed_sequences: checkpointed layers are recomputed here
+        loss.backward()  # checkpointed layers are recomputed here
     if checkpointing:
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     return sep_logits, sep_grads, out.logits.detach(), offsets, {n: p.grad for n, p in model.named_parameters()}
 
 
-def _check_packed(model, backend, lens, use_position_ids=True, checkpointing=False):
-    sep_logits, sep_grads, logits, offsets, grads = _packed_vs_separate(
-        model, backend, lens, use_position_ids, checkpointing
-    )
+def _check_packed(model, backend, lens, checkpointing=False):
+    sep_logits, sep_grads, logits, offsets, grads = _packed_vs_separate(model, backend, lens, checkpointing)
     for (s, e), ref in zip(zip(offsets[:-1].tolist(), offsets[1:].tolist()), sep_logits):
         _close(logits[:, s:e], ref)
     for name, ref in sep_grads.items():
@@ -416,15 +394,9 @@ def test_llama_packed_row_equals_separate_docs(backend):
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_llama_packed_sequences_context(backend):
-    """Positions do not restart: the packed_sequences context alone must confine attention to documents."""
-    _check_packed(_llama().train(), backend, [9, 6, 15], use_position_ids=False)
-
-
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_doc_lengths_and_right_padding(backend):
-    """Collator format: right-padded rows, position 0 on padding, per-row doc lengths; real tokens must match
-    each document run alone, with or without the packed_sequences context, and no NaN anywhere."""
+def test_packed_rows_with_right_padding(backend):
+    """Right-padded packed rows, position 0 on padding: real tokens must match each document run alone, and no
+    NaN anywhere."""
     model = _llama().eval()
     g = torch.Generator().manual_seed(6)
     rows = [[9, 6], [12], [5, 4, 3]]  # documents per row; T = 16, rows 1 and 2 padded
@@ -436,16 +408,13 @@ def test_doc_lengths_and_right_padding(backend):
     enable(model)
     with attention_backend(backend):
         derived = model(ids, position_ids=pos, use_cache=False).logits
-        with packed_sequences(rows):
-            declared = model(ids, position_ids=pos, use_cache=False).logits
-    assert torch.isfinite(derived).all() and torch.isfinite(declared).all()
+    assert torch.isfinite(derived).all()
     model.set_attn_implementation("eager")
     for b, lens in enumerate(rows):
         s = 0
         for n in lens:
             alone = model(ids[b : b + 1, s : s + n], use_cache=False).logits
             _close(derived[b : b + 1, s : s + n], alone)
-            _close(declared[b : b + 1, s : s + n], alone)
             s += n
 
 
@@ -460,10 +429,10 @@ def test_single_token_runs_do_not_call_the_kernel(monkeypatch):
     _close(out, attention(q, k, v, backend="eager", cu_seqlens=cu))
 
 
-def test_packed_sequences_survive_gradient_checkpointing():
-    """Recomputation in backward runs after the with-block: boundaries must still apply (positions do not restart,
-    so forgetting them would leak attention across documents and change the gradients)."""
-    _check_packed(_llama().train(), "sdpa", [9, 6, 15], use_position_ids=False, checkpointing=True)
+def test_packed_rows_survive_gradient_checkpointing():
+    """Layers recomputed in backward derive the same document boundaries (a leak across documents would change
+    the gradients)."""
+    _check_packed(_llama().train(), "sdpa", [9, 6, 15], checkpointing=True)
 
 
 def test_llama_generate_matches_eager():

@@ -388,7 +388,7 @@ def test_apply_and_unwrap_qat_tiny_llama():
 
 
 def test_qat_lora_tiny_llama_merge_then_ptq_matches_training_logits():
-    """prepare_model's order (QAT, then LoRA): merge_lora + int4 PTQ with the QAT settings gives the same logits."""
+    """build_model's order (QAT, then LoRA): merge_lora + int4 PTQ with the QAT settings gives the same logits."""
     model = _tiny_llama()
     assert apply_qat(model, bits=4, group_size=32) == 14
     assert len(inject_lora(model, AdapterConfig(r=4, alpha=8))) == 14

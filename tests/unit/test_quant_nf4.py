@@ -146,9 +146,9 @@ def test_state_to_and_errors():
 
 
 # ------------------------------------------------------------------------------------ against bitsandbytes
-# Runs only where bitsandbytes is importable (it is not a dependency of effine). On CUDA it compares with the
-# CUDA kernels too (the reference implementation; exact). Shapes avoid rows whose length is an even non-multiple of the blocksize: bitsandbytes 0.50.2's
-# CPU dequantize kernel disagrees with its own reference implementation there.
+# Runs only where bitsandbytes is importable (it is not a dependency of effine). On CUDA it compares with the CUDA
+# kernels too (the reference implementation; exact). Shapes avoid rows whose length is an even non-multiple of the
+# blocksize: bitsandbytes 0.50.2's CPU dequantize kernel disagrees with its own reference implementation there.
 
 _DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -25,8 +25,7 @@ def collate(batch: list[Example | PackedRow], pad_id: int, pad_to_multiple_of: i
     """Right-pad a batch into ``input_ids``, ``labels``, ``attention_mask``, ``position_ids`` (B, T) tensors.
 
     Padding has label -100 and attention 0. ``position_ids`` restart at each document of a packed row (0..len-1
-    for a plain example); ``doc_lengths`` lists each row's document lengths (one entry for a plain example) so
-    attention can be kept within documents.
+    for a plain example): the attention backend finds the documents where positions restart.
 
     Padding positions *continue* the row's last document (len, len+1, ...) instead of restarting at 0. The
     attention backend finds documents where positions restart, so padding joins the last document instead of
@@ -45,7 +44,6 @@ def collate(batch: list[Example | PackedRow], pad_id: int, pad_to_multiple_of: i
     labels = torch.full(shape, IGNORE, dtype=torch.long)
     attention = torch.zeros(shape, dtype=torch.long)
     positions = torch.zeros(shape, dtype=torch.long)
-    doc_lengths = []
     for row, item in enumerate(batch):
         n = len(item)
         input_ids[row, :n] = torch.tensor(item.input_ids, dtype=torch.long)
@@ -53,15 +51,12 @@ def collate(batch: list[Example | PackedRow], pad_id: int, pad_to_multiple_of: i
         attention[row, :n] = 1
         if isinstance(item, PackedRow):
             positions[row, :n] = torch.tensor(item.position_ids, dtype=torch.long)
-            doc_lengths.append(list(item.doc_lengths))
         else:
             positions[row, :n] = torch.arange(n)
-            doc_lengths.append([n])
         if n < width:  # padding continues the last document's positions (see above)
             last = int(positions[row, n - 1]) if n else -1
             positions[row, n:] = torch.arange(last + 1, last + 1 + width - n)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "position_ids": positions,
-            "doc_lengths": doc_lengths}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "position_ids": positions}
 
 
 def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

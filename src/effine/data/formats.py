@@ -13,9 +13,11 @@ text                ``{"text": ...}``                                           
 ==================  ==============================================================  ===============
 
 Two kinds of problems are told apart. A row whose *structure* is wrong (an unknown role, a non-string content, a
-missing key) raises :class:`DataError`: it usually means the whole file is not what the config says, so stopping
-at the first one is right. A row whose *content* is unusable (an empty message, a conversation with no assistant
-turn to learn from) raises :class:`RowDropped`, which the pipeline counts and skips.
+missing or null key) raises :class:`DataError`: it usually means the whole file is not what the config says, so
+stopping at the first one is right. A row that is well-formed but cannot be trained on as text (an empty message,
+no assistant turn, image/audio parts, tool calls, NUL characters) raises :class:`RowDropped`, which the pipeline
+counts and skips; ``data.max_bad_fraction`` stops the run when too many are. The full policy, case by case, is in
+the :mod:`effine.data.pipeline` docstring.
 """
 
 from __future__ import annotations
@@ -30,15 +32,21 @@ FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
 # Role spellings seen in the wild (ShareGPT's from/value, Gemma's "model"), mapped to the canonical ones.
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant"}
+TOOL_ROLES = ("tool", "function", "ipython")  # tool results: rows holding them are dropped, not errors
 _ROLE_HELP = f"expected {', '.join(ROLES)}; aliases {', '.join(ROLE_ALIASES)}"
 
 
 class RowDropped(DataError):
-    """A row whose content cannot be trained on; the pipeline drops it and counts it under ``reason``."""
+    """A row whose content cannot be trained on; the pipeline drops it and counts it under ``reason``.
 
-    def __init__(self, message: str, reason: str) -> None:
+    ``bad`` rows count towards ``data.max_bad_fraction``; rows dropped by a policy the user chose (e.g.
+    ``data.overlength: drop``) are not bad.
+    """
+
+    def __init__(self, message: str, reason: str, bad: bool = True) -> None:
         super().__init__(message)
         self.reason = reason
+        self.bad = bad
 
 
 @dataclass
@@ -123,7 +131,15 @@ def _string(where: str, data: dict[str, Any], key: str, allow_empty: bool = Fals
                         "JSON string")
     if not allow_empty and not value.strip():
         raise RowDropped(f"{where}: {key}: empty — nothing to train on", f"empty {key}")
+    _no_nul(where, key, value)
     return value
+
+
+def _no_nul(where: str, path: str, text: str) -> None:
+    """NUL characters are binary debris (a corrupt export), never text a model should learn."""
+    if "\x00" in text:
+        raise RowDropped(f"{where}: {path}: NUL character at position {text.index(chr(0))} — clean the text",
+                         "NUL character in text")
 
 
 def _alpaca(where: str, data: dict[str, Any]) -> list[dict[str, str]]:
@@ -157,6 +173,9 @@ def _conversation(where: str, turns: Any, key: str, role_key: str, content_key: 
         # ShareGPT dumps sometimes use role/content inside "conversations"; accept either spelling.
         rk = role_key if role_key in turn or "role" not in turn else "role"
         ck = content_key if content_key in turn or "content" not in turn else "content"
+        if turn.get("tool_calls") or turn.get("function_call") or str(turn.get(rk)).strip().lower() in TOOL_ROLES:
+            raise RowDropped(f"{where}: {path}: a tool call or tool result — effine trains on text conversations "
+                             "only; remove tool turns", "tool calls / tool results")
         out.append({"role": _role(where, f"{path}.{rk}", turn.get(rk)),
                     "content": _content(where, f"{path}.{ck}", turn.get(ck))})
     return out
@@ -175,18 +194,27 @@ def _role(where: str, path: str, role: Any) -> str:
 
 
 def _content(where: str, path: str, content: Any) -> str:
-    """A message's text. OpenAI-style content lists are accepted when every part is a text part."""
+    """A message's text. OpenAI-style content lists are accepted when every part is a text part; a row with an
+    image/audio part is dropped (counted), a list of anything else is an error."""
     if content is None:
         raise DataError(f"{where}: {path}: missing — every turn needs its text")
     if isinstance(content, list):
-        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
-            raise DataError(f"{where}: {path}: only text parts ({{\"type\": \"text\", \"text\": ...}}) are "
-                            "supported in a content list — remove image/audio parts")
-        content = "".join(texts)
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if not isinstance(kind, str):
+                raise DataError(f"{where}: {path}[{j}]: expected a content part {{\"type\": \"text\", \"text\": ...}}, "
+                                f"got {type(part).__name__} — store the text as a string or as text parts")
+            if kind != "text":
+                raise RowDropped(f"{where}: {path}[{j}]: a {kind!r} part — effine trains on text only; remove "
+                                 "non-text parts", f"non-text content part ({kind})")
+            if not isinstance(part.get("text"), str):
+                raise DataError(f"{where}: {path}[{j}].text: expected a string, got "
+                                f"{type(part.get('text')).__name__}")
+        content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise DataError(f"{where}: {path}: expected a string, got {type(content).__name__} — store the text as a "
                         "JSON string")
     if not content.strip():
         raise RowDropped(f"{where}: {path}: empty content — remove the turn or the row", "empty message content")
+    _no_nul(where, path, content)
     return content

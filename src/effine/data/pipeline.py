@@ -6,10 +6,35 @@
 Steps: read rows (``builtin:NAME`` resolved to a cached JSONL), detect or apply the row format, normalise,
 render and tokenise with label masks, apply the overlength policy, split off eval rows (or read ``eval_path``).
 
-Errors: a row whose structure is wrong (malformed JSON, an unknown role, a missing key) stops the run with a
-:class:`DataError` naming ``file:line`` — it usually means the file is not what the config says. A row whose
-content is unusable (no assistant turn, an empty message, nothing trained left after truncation) is dropped and
-counted by reason; the report lists the first few locations of each.
+Bad input policy. A problem that means the file is not what the config says stops the run with a
+:class:`DataError` naming ``file:line`` (``file:row N`` for JSON/Parquet), the field path and what to do. A row
+that is well-formed but cannot be trained on as text is dropped, counted by reason, and listed with its location
+in ``data_report.txt``; more than ``data.max_bad_fraction`` of the rows read dropped stops the run.
+
+==========================================  ====================================================================
+input                                       behaviour
+==========================================  ====================================================================
+malformed JSONL line / JSON / CSV quoting   error ``file:line``
+unreadable Parquet                          error naming the file
+not UTF-8                                   error ``file:line`` (the first bad line)
+NUL byte in the file (outside JSON text)    error ``file:line``: the file is corrupt
+NUL character inside a text (``\u0000``)    dropped: ``NUL character in text``
+byte-order mark                             accepted (file start, and any JSONL line start)
+line over 16 MiB (a 50 MB line)             dropped: ``line longer than 16 MiB``; read past in 1 MiB
+                                            chunks, never held in memory (CSV: error, the field limit)
+empty file / only blank lines               error: no rows
+row that is not an object; missing/null     error ``file:line: field.path``
+field; unknown role; non-string content
+tool calls, tool/function turns             dropped: ``tool calls / tool results``
+image/audio content parts                   dropped: ``non-text content part (image_url)``
+empty message (assistant or any)            dropped: ``empty message content``
+no assistant turn (train_on != all)         dropped: ``no assistant turn``
+conversation ending in a user turn          kept; the trailing user turn is context, untrained
+consecutive same-role turns                 kept as written; dropped if the chat template rejects them
+special-token text in a message             kept, encoded as plain text (:mod:`effine.data.literals`)
+special-token text in text / prompt rows    kept as control tokens: such rows are raw model text (pre-rendered)
+longer than data.max_length                 data.overlength: truncate / drop / error (drops here are not bad)
+==========================================  ====================================================================
 
 Results are cached under ``CACHE/tokenized/HASH.npz`` (plain integer and string arrays, loaded with
 ``allow_pickle=False``), keyed by the data file bytes, the tokenizer (vocabulary, special tokens, template) and
@@ -41,15 +66,18 @@ from effine.data.sources import Row, read_rows
 from effine.data.template import Encoder, adds_bos
 from effine.errors import DataError
 
-PIPELINE_VERSION = 1  # bump when the output for the same inputs changes: old cache entries stop matching
-EXAMPLES_KEPT = 3  # locations remembered per drop reason: enough to go and look, not a dump
+PIPELINE_VERSION = 2  # bump when the output for the same inputs changes: old cache entries stop matching
+EXAMPLES_KEPT = 3  # locations per drop reason in the summary: enough to go and look, not a dump
+LISTED_DROPS = 10_000  # dropped rows listed one by one in data_report.txt
 
 Log = Callable[[str], Any]
 
 
 def default_cache_dir() -> Path:
     """``$EFFINE_CACHE``, else ``~/.cache/effine``."""
-    return Path(os.environ.get("EFFINE_CACHE") or Path.home() / ".cache" / "effine")
+    from effine.system.paths import cache_root
+
+    return cache_root()
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -70,6 +98,8 @@ class DataReport:
     eval_examples: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     dropped_at: dict[str, list[str]] = field(default_factory=dict)
+    dropped_rows: list[str] = field(default_factory=list)  # "where: reason", the first LISTED_DROPS
+    bad_rows: int = 0  # dropped rows that count towards data.max_bad_fraction
     truncated: int = 0
     length_mean: float = 0.0
     length_p50: int = 0
@@ -82,12 +112,24 @@ class DataReport:
     packing_efficiency: float | None = None
     cache: str = ""  # "", "written PATH" or "hit PATH"
 
-    def drop(self, reason: str, where: str) -> None:
+    def drop(self, reason: str, where: str, bad: bool = True) -> None:
         """Count one dropped row under ``reason``, remembering its location if it is among the first few."""
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        self.bad_rows += bad
         seen = self.dropped_at.setdefault(reason, [])
         if len(seen) < EXAMPLES_KEPT:
             seen.append(where)
+        if len(self.dropped_rows) < LISTED_DROPS:
+            self.dropped_rows.append(f"{where}: {reason}")
+
+    def full(self) -> str:
+        """:meth:`format` plus every dropped row with its location and reason: the content of data_report.txt."""
+        text = self.format()
+        if self.dropped_rows:
+            n = sum(self.dropped.values())
+            more = f" (the first {len(self.dropped_rows):,} of {n:,})" if n > len(self.dropped_rows) else ""
+            text += f"\n\ndropped rows{more}:\n" + "\n".join(f"  {r}" for r in self.dropped_rows)
+        return text + "\n"
 
     @property
     def tokens_per_second(self) -> float:
@@ -167,11 +209,12 @@ def _fit(ex: Example, cfg: DataConfig, report: DataReport) -> Example:
             raise DataError(f"{ex.where}: sample is {len(ex):,} tokens, longer than data.max_length="
                             f"{cfg.max_length} — raise data.max_length, or set data.overlength to truncate or drop")
         if cfg.overlength == "drop":
-            raise RowDropped(f"{ex.where}: longer than max_length", f"longer than max_length={cfg.max_length}")
+            raise RowDropped(f"{ex.where}: longer than max_length", f"longer than max_length={cfg.max_length}",
+                             bad=False)
         ex = Example(ex.input_ids[: cfg.max_length], ex.labels[: cfg.max_length], ex.where)
         if ex.num_trained == 0:
             raise RowDropped(f"{ex.where}: nothing trained within max_length",
-                             f"no trained token within the first {cfg.max_length} tokens")
+                             f"no trained token within the first {cfg.max_length} tokens", bad=False)
         report.truncated += 1
     elif ex.num_trained == 0:
         raise RowDropped(f"{ex.where}: no trained tokens", "no trained tokens")
@@ -184,6 +227,9 @@ def _encode_rows(rows: Iterable[Row], cfg: DataConfig, encoder: Encoder, report:
     fmt = None if cfg.format == "auto" else cfg.format
     for where, data in rows:
         report.rows_read += 1
+        if isinstance(data, RowDropped):  # a line the reader skipped (too long to hold)
+            report.drop(data.reason, where, data.bad)
+            continue
         if fmt is None:
             fmt = detect_or_fail(where, data)  # the first row decides, as data.format documents
             report.row_format = report.row_format or fmt
@@ -192,7 +238,7 @@ def _encode_rows(rows: Iterable[Row], cfg: DataConfig, encoder: Encoder, report:
             report.tokenized_tokens += len(ex)
             out.append(_fit(ex, cfg, report))
         except RowDropped as e:
-            report.drop(e.reason, where)
+            report.drop(e.reason, where, e.bad)
     report.row_format = report.row_format or fmt or cfg.format
     return out
 
@@ -325,9 +371,19 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, cache_dir: Path | None = Non
         train, eval_, report = _build(cfg, encoder, train_file, eval_file, log)
         save_cache(cache_file, train, eval_, report)
         report.cache = f"written {cache_file}"
+    check_bad_fraction(cfg, report)
     if cfg.packing:
         report.packing_efficiency = packing_efficiency(pack_examples(train, cfg.max_length), cfg.max_length)
     return train, eval_, report
+
+
+def check_bad_fraction(cfg: DataConfig, report: DataReport) -> None:
+    """Stop when more than ``data.max_bad_fraction`` of the rows read were dropped as unusable."""
+    if report.rows_read and report.bad_rows / report.rows_read > cfg.max_bad_fraction:
+        raise DataError(f"{cfg.path}: {report.bad_rows:,} of {report.rows_read:,} rows "
+                        f"({report.bad_rows / report.rows_read:.0%}) are unusable, more than data.max_bad_fraction="
+                        f"{cfg.max_bad_fraction}:\n{report.drop_summary()}\n  Fix those rows, or raise "
+                        "data.max_bad_fraction to train on the rest.")
 
 
 def _build(cfg: DataConfig, encoder: Encoder, train_file: Path, eval_file: Path | None, log: Log
@@ -346,6 +402,9 @@ def _build(cfg: DataConfig, encoder: Encoder, train_file: Path, eval_file: Path 
     report.set_lengths(train)
     if report.dropped:
         log(f"data: dropped {sum(report.dropped.values()):,} of {report.rows_read:,} rows:\n{report.drop_summary()}")
+    if not report.rows_read:
+        raise DataError(f"{cfg.path}: no rows — the file is empty (or holds only blank lines / a header); "
+                        "point data.path at the training data")
     if not train:
         raise DataError(f"{cfg.path}: no usable training rows ({report.rows_read:,} read"
                         f"{', all dropped' if report.rows_read else ''}) — see the dropped-row summary above")

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 from effine.data.example import IGNORE, Example
 from effine.data.formats import RowDropped, Sample
+from effine.data.literals import ControlTokens
 from effine.errors import DataError, EffineError
 
 CHATML = (
@@ -78,6 +79,12 @@ def resolve_chat_template(tokenizer: Any, override: str | None) -> ChatTemplate:
                     "existing .jinja file, nor a Jinja string — fix the value or leave it unset")
 
 
+def unsafe_template(description: str, e: Exception) -> DataError:
+    """A template that reached for Python internals (``__class__``, ``__globals__``): the sandbox stopped it."""
+    return DataError(f"{description}: the template tried something Jinja's sandbox forbids ({e}) — chat templates "
+                     "may only format messages; remove that expression or use data.chat_template: chatml")
+
+
 def adds_bos(tokenizer: Any) -> bool:
     """Whether the tokenizer puts a BOS in front of plain text by default (Llama, Gemma: yes; SmolLM2: no)."""
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -106,6 +113,26 @@ def trained_length(turn: str, content: str) -> int:
     if k >= 0 and not turn[k + len(content):].strip():
         return len(turn)
     return len(turn.rstrip())
+
+
+def _find_closed_turn(full: str, cursor: int, prefix: str, turn: str, content: str) -> tuple[int, str]:
+    """(start, turn text) of an assistant turn whose lone render carries text that only closes a conversation.
+
+    Phi-3's template appends ``eos_token`` after the last message: rendered alone, a turn reads ``content<|end|>
+    \n<|endoftext|>``, in the middle of the full render only ``content<|end|>\n``. The turn is then content plus
+    its end marker (up to the first whitespace after the content), found in order right after the text that
+    precedes it in ``prefix`` (its last 32 characters: the generation prompt and the end of the previous turn).
+    (-1, turn) when that fails too.
+    """
+    k = turn.rfind(content)
+    if k < 0:
+        return -1, turn
+    after = turn[k + len(content):]
+    marker = after[: len(after) - len(after.lstrip())] + after.lstrip().split(maxsplit=1)[0] if after.strip() else ""
+    short = turn[: k + len(content)] + marker
+    anchor = prefix[-32:]
+    pos = full.find(anchor + short, max(0, cursor - len(anchor)))
+    return (pos + len(anchor), short) if pos >= 0 else (-1, turn)
 
 
 _UNSET = object()
@@ -178,6 +205,7 @@ class Encoder:
         self.log = log
         self.bos_id = tokenizer.bos_token_id if adds_bos(tokenizer) else None
         self.eos_id = getattr(tokenizer, "eos_token_id", None)
+        self.controls = ControlTokens(tokenizer)
         self._announced_fallback = False
         self._announced_search = False
         self._shape: TurnShape | None | object = _UNSET  # learned on first use (after the system prompt is known)
@@ -188,10 +216,13 @@ class Encoder:
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False, where: str = "") -> str:
         """Render messages as text with the resolved template (in transformers' Jinja sandbox)."""
         import jinja2  # transformers renders with Jinja; its errors are what a bad template raises
+        import jinja2.sandbox
 
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=self.template.source,
                                                       add_generation_prompt=add_generation_prompt)
+        except jinja2.sandbox.SecurityError as e:  # transformers renders in Jinja's ImmutableSandboxedEnvironment
+            raise unsafe_template(self.template.description, e) from None
         except jinja2.TemplateSyntaxError as e:
             raise DataError(f"{self.template.description}: invalid Jinja ({e.message}, template line {e.lineno}) "
                             "— fix the template or set data.chat_template: chatml") from None
@@ -255,6 +286,8 @@ class Encoder:
                 # find this turn's exact text, in order, in the full render.
                 start = full.find(turn, cursor)
                 if start < 0:
+                    start, turn = _find_closed_turn(full, cursor, prefix, turn, messages[i]["content"])
+                if start < 0:
                     raise self._unlocatable(where, i, "the full render does not contain the turn as rendered alone")
                 if not self._announced_search:
                     self._announced_search = True
@@ -291,7 +324,10 @@ class Encoder:
             raise RowDropped(f"{sample.where}: messages[0]: the conversation starts with an assistant turn — put a "
                              "user (or system) message first", "starts with an assistant turn")
         full = self.render(messages, where=sample.where)
-        ids, offsets = self._tokenize(full)
+        # Special-token text typed in a message stays text: only the template's own tokens are control tokens.
+        forged = self.controls.forged_ranges(messages, full, lambda ms: self.render(ms, where=sample.where),
+                                             sample.where)
+        ids, offsets = self.controls.tokenize(full, forged)
         if self.train_on == "all":
             trained = [True] * len(ids)
         else:
@@ -309,8 +345,7 @@ class Encoder:
         return self._finish(ids, labels, where)
 
     def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        return self.controls.tokenize(text)
 
     def _finish(self, ids: list[int], labels: list[int], where: str) -> Example:
         """Exactly one leading BOS when the tokenizer uses one; the first position is never a target."""

@@ -7,12 +7,12 @@ import math
 import torch
 
 from effine.data import collate
-from effine.train.forward import loss_sum
+from effine.ops.model_loss import loss_sum
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, examples: list, batch_size: int, pad_id: int, max_batches: int | None = None,
-             impl: str = "chunked") -> dict:
+             impl: str = "chunked", chunk_bytes: int | None = None) -> dict:
     """Mean next-token loss over every supervised token of `examples` (batched in length order: less padding)."""
     if not examples:
         return {"eval_loss": float("nan"), "eval_ppl": float("nan"), "eval_tokens": 0}
@@ -24,7 +24,7 @@ def evaluate(model: torch.nn.Module, examples: list, batch_size: int, pad_id: in
         if max_batches is not None and b >= max_batches:
             break
         batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id)
-        loss, k = loss_sum(model, batch, impl=impl)
+        loss, k = loss_sum(model, batch, impl=impl, chunk_bytes=chunk_bytes)
         total, n = total + float(loss), n + k
     model.train(was_training)
     loss = total / max(n, 1)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -23,16 +22,12 @@ from typing import Any
 
 import torch
 
+from effine.system.paths import cache_root  # noqa: F401  (re-exported: callers import it from here)
+
 from effine.errors import ModelError
 from effine.model.registry import PACKAGED_MODELS, packaged_gguf_path
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def cache_root(cache_dir: str | None = None) -> Path:
-    root = Path(cache_dir or os.environ.get("EFFINE_CACHE") or Path.home() / ".cache" / "effine")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+from effine.dtypes import DTYPES  # noqa: E402,F401  (re-exported: callers import it from here)
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -92,18 +87,55 @@ def _download_hub(repo_id: str, revision: str | None, cache: Path) -> Path:
             allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"],
         )
     except Exception as e:  # offline, 401/404, ...: the message must say how to get the model locally
-        reason = type(e).__name__ + (f": {str(e).splitlines()[0][:200]}" if str(e) else "")
-        raise ModelError(
-            f"model.name: cannot download '{repo_id}' from the Hugging Face Hub ({reason}).\n"
-            f"  If this machine is offline, download the model elsewhere (`hf download {repo_id} --local-dir DIR`),\n"
-            f"  copy DIR here and set model.name to that directory; or use a .gguf file, or one of the packaged\n"
-            f"  models: {', '.join(PACKAGED_MODELS)}. For gated models set HF_TOKEN in the environment."
-        ) from None
+        raise hub_error(repo_id, e) from None
     return Path(path)
 
 
+def hub_error(repo_id: str, e: Exception | None = None) -> ModelError:
+    """The error for a hub id that cannot be fetched (offline, 401/404): how to get the model locally instead."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        return ModelError(f"model.name: '{repo_id}' is neither a packaged model ({', '.join(PACKAGED_MODELS)}), an "
+                          "existing path, a .gguf file, nor a hub id of the form org/name.")
+    reason = type(e).__name__ + (f": {str(e).splitlines()[0][:200]}" if str(e) else "") if e else "unreachable"
+    return ModelError(
+        f"model.name: cannot download '{repo_id}' from the Hugging Face Hub ({reason}).\n"
+        f"  If this machine is offline, download the model elsewhere (`hf download {repo_id} --local-dir DIR`),\n"
+        f"  copy DIR here and set model.name to that directory; or use a .gguf file, or one of the packaged\n"
+        f"  models: {', '.join(PACKAGED_MODELS)}. For gated models set HF_TOKEN in the environment.")
+
+
+def check_shard_index(model_dir: Path) -> None:
+    """Every shard a ``*.safetensors.index.json`` names must be a file inside ``model_dir``.
+
+    transformers joins the index's ``weight_map`` values onto the model dir as they are, so a crafted index
+    (``../../somewhere/else.safetensors``, ``/abs/path``) would make it read files outside the model. (Files *in*
+    the dir may be symlinks: the Hub cache links them to its blob store.)
+    """
+    for index in sorted(model_dir.glob("*.safetensors.index.json")):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = list(weight_map.items())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelError(f"{index}: not a valid shard index ({type(e).__name__}: {e}) — re-download or "
+                             "re-save the model") from None
+        for tensor, shard in shards:
+            parts = Path(str(shard)).parts
+            if (not isinstance(shard, str) or not shard or Path(shard).is_absolute() or ".." in parts
+                    or "\\" in shard or ":" in shard):
+                raise ModelError(f"{index}: weight_map[{tensor!r}] = {shard!r} points outside the model dir; a "
+                                 "shard index may only name files inside it — this model dir is damaged or "
+                                 "crafted: re-download it from a source you trust")
+
+
 def resolve_model_dir(name: str, cache_dir: str | None = None, revision: str | None = None) -> Path:
-    """Turn a model spec into a local model dir, converting or downloading as needed (cached)."""
+    """Turn a model spec into a local model dir, converting or downloading as needed (cached); a local or
+    downloaded dir's shard index is checked (:func:`check_shard_index`)."""
+    out = _resolve_model_dir(name, cache_dir, revision)
+    check_shard_index(out)
+    return out
+
+
+def _resolve_model_dir(name: str, cache_dir: str | None, revision: str | None) -> Path:
     cache = cache_root(cache_dir)
     if name in PACKAGED_MODELS:
         out = cache / "models" / name
@@ -171,13 +203,14 @@ def load_model(model_dir: Path, dtype: str = "bf16", attn: str = "sdpa", trust_r
     from transformers import AutoModelForCausalLM
 
     if (model_dir / "effine_ptq.safetensors").is_file():  # an `effine ptq` export (int4/int8 group-wise)
-        from effine.export.ptq import load_ptq_model
+        from effine.model.ptq_load import load_ptq_model
 
         return load_ptq_model(model_dir, dtype, attn=attn).to(device)
     has_st = any(model_dir.glob("*.safetensors"))
     if not has_st:
         raise ModelError(f"{model_dir}: no *.safetensors weights. effine does not load pickled .bin checkpoints "
                          "(they can run arbitrary code); convert them to safetensors first.")
+    check_shard_index(model_dir)
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=DTYPES[dtype], attn_implementation=attn, use_safetensors=True,
         trust_remote_code=trust_remote_code,

@@ -38,15 +38,14 @@ Backends here
                triangle); packed rows run SDPA with ``is_causal=True`` once per document segment.
 ``flash_attn`` flash-attn 2/3 when importable (CUDA, fp16/bf16); packed rows use ``flash_attn_varlen_func``.
 ``tiled``      the same algorithm with the tile loop in Python and each tile product one batched matmul
-               (:mod:`effine.ops.tiled_attention`): 1.7-2.3x faster than SDPA's CPU kernel for training shapes;
+               (:mod:`effine.ops.tiled_attention`): faster than SDPA's CPU kernel at training shapes;
                the CPU default for causal calls without a mask, softcap or dropout (others go to SDPA / eager);
                packed rows run it once per document.
 
 Packed rows: several documents concatenated in one row. transformers v5 passes ``position_ids`` down to the
 attention function (decoder layer -> attention module -> ``attention_interface(..., **kwargs)``); documents start
 where the position does not continue (``pos[t] != pos[t-1] + 1``), the same rule transformers uses for its own
-packed-sequence masks. The training loop may instead (or additionally) state the boundaries explicitly with
-``with packed_sequences(cu_seqlens): model(...)``. Attention never crosses a document boundary on any backend.
+packed-sequence masks. Attention never crosses a document boundary on any backend.
 
 Files: the document-boundary helpers live in :mod:`effine.ops.attention_packing`, the eager and flash references
 in :mod:`effine.ops.attention_reference`, the tiled CPU kernel in :mod:`effine.ops.tiled_attention`; this module
@@ -57,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 import weakref
 from collections.abc import Iterator
@@ -64,8 +64,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from effine.ops.attention_packing import (_active_spec, _check_cu_seqlens, _doc_starts, _PackedSpec,  # noqa: F401
-                                          _starts_to_cu, cu_seqlens_from_position_ids, packed_sequences)
+from effine.ops.attention_packing import (_check_cu_seqlens, _doc_starts, _starts_to_cu,  # noqa: F401
+                                          cu_seqlens_from_position_ids)
 from effine.ops.attention_reference import (_combine, _repeat_kv, _structural_mask, eager_attention,
                                             flash_attention_reference)
 from effine.ops.tiled_attention import supports, tiled_attention
@@ -82,7 +82,6 @@ __all__ = [
     "enable",
     "flash_attention_reference",
     "flash_attn_available",
-    "packed_sequences",
     "register",
     "select_backend",
     "set_backend",
@@ -381,62 +380,47 @@ def attention(
 # transformers integration
 
 
-class _OneEntryCache:
-    """Remembers the layout derived from the (position_ids, padding mask, context) of the current forward.
-
-    Every layer of one forward gets the same objects, so the derivation (and, on CUDA, its host sync) runs once
-    per forward instead of once per layer. Keyed on identity (+ in-place version for tensors), held weakly.
-    """
-
-    def __init__(self):
-        self._key = None
-        self._refs: tuple = ()
-        self._value = None
-
-    @staticmethod
-    def _key_of(objs):
-        try:
-            return tuple(
-                None if t is None else (id(t), t._version if isinstance(t, torch.Tensor) else 0) for t in objs
-            )
-        except RuntimeError:  # inference-mode tensors have no version counter: do not cache
-            return None
-
-    def get(self, tensors):
-        key = self._key_of(tensors)
-        if key is not None and self._key == key and all(
-            (r is None) == (t is None) and (r is None or r() is t) for r, t in zip(self._refs, tensors)
-        ):
-            return True, self._value
-        return False, None
-
-    def put(self, tensors, value):
-        self._key = self._key_of(tensors)
-        self._refs = tuple(weakref.ref(t) if t is not None else None for t in tensors)
-        self._value = value
+_LAYOUT_ATTR = "_effine_layout"  # on the position_ids (or padding) tensor of a forward: the layout derived from it
 
 
-_LAYOUT_CACHE = _OneEntryCache()
+def _cached_layout(position_ids: torch.Tensor | None, padding: torch.Tensor | None, compute):
+    """The layout of this forward, derived once: every layer gets the same position_ids / padding tensors, so the
+    derivation (and, on CUDA, its host sync) runs once per forward instead of once per layer. Kept on the tensor
+    itself (it dies with it), checked against the tensors' in-place version counters."""
+    owner = position_ids if position_ids is not None else padding
+    other = padding if owner is position_ids else None
+    if owner is None:
+        return compute()
+    try:
+        key = (owner._version, None if other is None else other._version)
+    except RuntimeError:  # inference-mode tensors have no version counter: do not cache
+        return compute()
+    hit = getattr(owner, _LAYOUT_ATTR, None)
+    if hit is not None and hit[0] == key and (hit[1]() if hit[1] is not None else None) is other:
+        return hit[2]
+    value = compute()
+    setattr(owner, _LAYOUT_ATTR, (key, weakref.ref(other) if other is not None else None, value))
+    return value
 
 
-def _layout(batch: int, length: int, position_ids, padding, spec) -> tuple[torch.Tensor | None, bool]:
+
+
+def _layout(batch: int, length: int, position_ids, padding) -> tuple[torch.Tensor | None, bool]:
     """(cu_seqlens or None, padding_handled) for a training-style forward (Tq == Tk).
 
     Padding (B, T) bool (True = real token): when each row's real tokens form one contiguous run, the padding runs
     become documents of their own (real tokens never see them; their own outputs are junk but finite and
     unlabelled), so padding costs no (T, T) mask. Otherwise padding_handled is False and the caller builds a mask.
     """
-    keys = (position_ids, padding, spec)
-    hit, value = _LAYOUT_CACHE.get(keys)
-    if hit:
-        return value
+    by_shape = _cached_layout(position_ids, padding, dict)  # (batch, length) -> layout, for this forward's tensors
+    if (batch, length) not in by_shape:
+        by_shape[(batch, length)] = _derive_layout(batch, length, position_ids, padding)
+    return by_shape[(batch, length)]
+
+
+def _derive_layout(batch: int, length: int, position_ids, padding) -> tuple[torch.Tensor | None, bool]:
     starts = None
-    if spec is not None:
-        cu = spec.resolve(batch, length)
-        flat = torch.zeros(batch * length, dtype=torch.bool)
-        flat[cu[:-1].long()] = True
-        starts = flat.view(batch, length)
-    elif position_ids is not None:
+    if position_ids is not None:
         pos = position_ids if position_ids.dim() == 2 else position_ids.view(1, -1)
         starts = _doc_starts(pos.expand(batch, -1) if pos.shape[0] != batch else pos)
     handled = True
@@ -453,11 +437,8 @@ def _layout(batch: int, length: int, position_ids, padding, spec) -> tuple[torch
             # inside real tokens keep document starts; padding runs are single documents
             starts = edges if starts is None else (starts & real) | edges
     if starts is None or (not bool(starts[:, 1:].any())):
-        value = (None, handled)
-    else:
-        value = (_starts_to_cu(starts), handled)
-    _LAYOUT_CACHE.put(keys, value)
-    return value
+        return None, handled
+    return _starts_to_cu(starts), handled
 
 
 def effine_attention_forward(
@@ -475,8 +456,7 @@ def effine_attention_forward(
     """transformers ``AttentionInterface`` function: q (B, Hq, Tq, D), k / v (B, Hkv, Tk, D) -> (B, Tq, Hq, D).
 
     ``attention_mask`` is what :func:`effine_attention_mask` built: None, a (B, Tk) padding mask, or a 4D mask
-    (a custom pattern, or one the caller passed in). Documents come from :func:`packed_sequences` or from
-    ``kwargs["position_ids"]``.
+    (a custom pattern, or one the caller passed in). Documents come from ``kwargs["position_ids"]``.
     """
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("effine attention does not implement attention sinks (s_aux)")
@@ -484,16 +464,13 @@ def effine_attention_forward(
     Tk = key.shape[2]
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
-    spec = _active_spec(kwargs.get("position_ids"))
     cu, mask = None, None
     if attention_mask is not None and attention_mask.dim() == 4:
         # A ready-made mask already holds causality, windows and documents derived from position_ids.
         mask, causal, sliding_window = attention_mask, False, None
-        if spec is not None:
-            cu, _ = _layout(B, Tq, None, None, spec)
     elif Tq == Tk and Tq > 1:
         padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        cu, handled = _layout(B, Tq, kwargs.get("position_ids"), padding, spec)
+        cu, handled = _layout(B, Tq, kwargs.get("position_ids"), padding)
         if not handled:
             mask = padding[:, None, None, :].to(torch.bool)  # (B, 1, 1, T): real keys only
     elif attention_mask is not None:
@@ -557,6 +534,14 @@ def enable(model, backend: str | None = None) -> str:
     """
     register()
     set_backend(None if backend in (None, "auto") else backend)
+    if not getattr(model, "_supports_attention_backend", False):
+        # e.g. Falcon: its attention does not go through AttentionInterface, so set_attn_implementation would
+        # only log and the model would keep its own attention. Say so instead of claiming an effine backend.
+        current = getattr(model.config, "_attn_implementation", None) or "eager"
+        logging.getLogger(__name__).warning(
+            "attention: %s does not dispatch through transformers' AttentionInterface; it keeps its own %r "
+            "attention (effine's backend is not used)", type(model).__name__, current)
+        return f"{current} (model's own)"
     model.set_attn_implementation(NAME)
     p = next(model.parameters(), None)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

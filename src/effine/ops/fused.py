@@ -50,11 +50,11 @@ tanh-GELU ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"), with c = sqrt(2/pi), k
        u = c (z + k z^3),  t = tanh(u),  gelu(z) = z/2 (1 + t)
        gelu'(z) = 1/2 (1 + t) + z/2 (1 - t^2) c (1 + 3 k z^2)
 
-Only gate and up are saved (in their own dtype); act(gate) is recomputed in backward. The derivative itself
-runs through ATen's fused kernels for exactly these closed forms (``silu_backward``, ``gelu_backward(approximate=
-"tanh")``, what eager autograd calls): one pass in the tensor's dtype, 4-6x faster on CPU than spelling the
-formula out in fp32 ops, and bit-identical to eager in forward and backward. :func:`act_and_grad` states the
-formulas in code; the tests check both it and the kernels against autograd.
+Only gate and up are saved (in their own dtype); act(gate) is recomputed in backward. The derivative itself runs
+through ATen's fused kernels for exactly these closed forms (``silu_backward``, ``gelu_backward(approximate=
+"tanh")``, what eager autograd calls): one pass in the tensor's dtype, faster on CPU than spelling the formula out
+in fp32 ops (bench/results/kernels.md), and bit-identical to eager in forward and backward. :func:`act_and_grad`
+states the formulas in code; the tests check both it and the kernels against autograd.
 
 Recomputing the MLP product
 ---------------------------

@@ -32,7 +32,6 @@ fused path is only taken when autograd will need the gradients (otherwise a loss
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +51,7 @@ IGNORE_INDEX = -100
 # over column blocks of at most SCRATCH_BYTES, so the working set is this plus ~16 MiB (plus a (V, H) scratch when
 # the head itself trains). Larger chunks mean fewer passes over the (V, H) weight, which costs real time on CPU
 # (each chunk reads it twice); 128 MiB is 256 rows of a 262k vocabulary in bf16.
-DEFAULT_CHUNK_BYTES = int(os.environ.get("EFFINE_CE_CHUNK_BYTES", 128 * 2**20))
+DEFAULT_CHUNK_BYTES = 128 * 2**20  # train.loss_chunk_mb
 SCRATCH_BYTES = 16 * 2**20  # fp32 column-block scratch for the softmax statistics
 
 
@@ -212,7 +211,7 @@ def chunked_linear_cross_entropy(
     """Same result as :func:`reference_linear_cross_entropy` with O(chunk * V) instead of O(N * V) memory.
 
     ``hidden`` (N, H) and ``labels`` (N,) (any leading shape is flattened). ``chunk_size`` rows per chunk; default
-    from :data:`DEFAULT_CHUNK_BYTES` (env ``EFFINE_CE_CHUNK_BYTES``). A frozen ``weight`` (``requires_grad=False``,
+    from :data:`DEFAULT_CHUNK_BYTES` (``train.loss_chunk_mb``). A frozen ``weight`` (``requires_grad=False``,
     e.g. a LoRA run) skips the dL/dW accumulation. Returns ``(loss_sum, n_tokens)`` like the reference.
     """
     H = hidden.shape[-1]

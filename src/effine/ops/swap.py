@@ -33,12 +33,13 @@ token, twice per layer (SmolLM2-135M: 2 x 576 x 2 bytes of ~29 KB per token and 
 from __future__ import annotations
 
 import functools
-import weakref
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from effine.module_tree import child_slots
 from effine.ops.fused import (fused_enabled, gated_act, gated_act_reference, recompute_saved, rms_norm,
                               rms_norm_from_rstd)
 
@@ -61,10 +62,16 @@ NORM_CLASSES: dict[str, tuple[float, bool]] = {
     "GemmaRMSNorm": (1.0, False),
     "Gemma2RMSNorm": (1.0, False),
     "Gemma3RMSNorm": (1.0, False),
+    "Qwen3RMSNorm": (0.0, True),
+    "Phi3RMSNorm": (0.0, True),
+    "GraniteRMSNorm": (0.0, True),
+    "SmolLM3RMSNorm": (0.0, True),
+    "Olmo2RMSNorm": (0.0, False),  # (w * xhat.float()).to(dtype): the weight multiplies before the cast
 }
 
 # Classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``.
-GATED_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP"})
+GATED_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP",
+                               "Qwen3MLP", "GraniteMLP", "SmolLM3MLP", "Olmo2MLP"})
 
 
 class RMSNorm(nn.Module):
@@ -100,23 +107,22 @@ class RMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset:g}"
 
 
-# id(output) -> (weak reference to the output, how to recompute it, from what). An entry dies with its output.
-_NORM_OUTPUTS: dict[int, tuple[weakref.ref, Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]] = {}
+_RECOMPUTE_ATTR = "_effine_recompute_from"  # on a fused norm's output: (how to recompute it, from what)
 
 
 def _remember_output(y: torch.Tensor, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> None:
-    key = id(y)
-    _NORM_OUTPUTS[key] = (weakref.ref(y, lambda _ref, k=key: _NORM_OUTPUTS.pop(k, None)), fn, inputs)
+    # Kept on the output tensor itself, so it lives and dies with it (no process-wide table keyed on id()).
+    setattr(y, _RECOMPUTE_ATTR, (fn, inputs))
 
 
 def _enter_recompute(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook: when the module's hidden-state input is a remembered norm output, run the module under
     :func:`recompute_saved` for it (the post-hook leaves the context)."""
     t = args[0] if args else kwargs.get("hidden_states")
-    entry = _NORM_OUTPUTS.get(id(t)) if isinstance(t, torch.Tensor) else None
+    entry = getattr(t, _RECOMPUTE_ATTR, None) if isinstance(t, torch.Tensor) else None
     cm = None
-    if entry is not None and entry[0]() is t:
-        cm = recompute_saved(t, entry[1], *entry[2])
+    if entry is not None:
+        cm = recompute_saved(t, entry[0], *entry[1])
         cm.__enter__()
     module.__dict__.setdefault("_effine_recompute", []).append(cm)
 
@@ -206,11 +212,6 @@ def _is_gated_mlp(module: nn.Module) -> bool:
         isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
 
 
-def _named(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute name, child) for every module below ``model``, collected before any swap."""
-    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
-
-
 def _detach(orig: nn.Module, names: tuple[str, ...]) -> nn.Module:
     # The original is kept only as a shell for unfuse_model(): drop its tensors/children so that it never keeps a
     # weight alive that a later swap (quantization, LoRA merge) replaced in the fused module.
@@ -232,7 +233,7 @@ def fuse_model(model: nn.Module, recompute: bool = True, recompute_norms: bool |
     """
     counts = {"rms_norm": 0, "gated_mlp": 0, "unsupported_act": 0}
     norm_parents: dict[int, nn.Module] = {}
-    for parent, name, child in _named(model):
+    for parent, name, child in child_slots(model):
         spec = _norm_spec(child)
         if spec is not None:
             eps, offset, cast_before = spec
@@ -256,7 +257,18 @@ def fuse_model(model: nn.Module, recompute: bool = True, recompute_norms: bool |
             counts["gated_mlp"] += 1
     for parent in norm_parents.values():
         _hook_norm_consumers(parent)
+    _log_unknown(model)
     return counts
+
+
+def _log_unknown(model: nn.Module) -> None:
+    """Log the norm / MLP classes that look fusable but are not in the tables: they stay plain (correct, slower)."""
+    names = sorted({type(m).__name__ for m in model.modules()
+                    if type(m).__name__.endswith(("RMSNorm", "MLP")) and not isinstance(m, (RMSNorm, GatedMLP))
+                    and type(m).__name__ not in NORM_CLASSES and type(m).__name__ not in GATED_MLP_CLASSES})
+    if names:
+        logging.getLogger(__name__).warning(
+            "fused ops: no fused kernel checked for %s; left as the plain modules", ", ".join(names))
 
 
 def unfuse_model(model: nn.Module) -> int:
@@ -267,7 +279,7 @@ def unfuse_model(model: nn.Module) -> int:
             h.remove()
         if getattr(m, "_effine_norm_hooks", None) is not None:
             object.__setattr__(m, "_effine_norm_hooks", None)
-    for parent, name, child in _named(model):
+    for parent, name, child in child_slots(model):
         orig = getattr(child, "_original", None)
         if isinstance(child, RMSNorm) and orig is not None:
             orig.weight = child.weight

@@ -1,9 +1,8 @@
 """Tiled causal attention for CPU training: the flash-attention algorithm at matmul-sized tiles.
 
 Why. On CPU, PyTorch's SDPA flash kernel (``_scaled_dot_product_flash_attention_for_cpu``) runs small
-per-head tiles through scalar-heavy loops; measured on a 2-core AMX machine (SmolLM2-135M shapes: 9 query / 3 kv
-heads, head dim 64, batch 4 x 448 tokens, bf16) its forward + backward take ~37 ms per layer, ~70 GFLOP/s, about
-a tenth of the bf16 matmul peak, and attention was ~40% of a LoRA training step. Here the same algorithm (see
+per-head tiles through scalar-heavy loops, far below the bf16 matmul peak (numbers: bench/results/kernels.md), and
+attention is a large share of a LoRA training step. Here the same algorithm (see
 :mod:`effine.ops.attention` for its statement) runs with the tile loop in Python and every tile product as one
 batched bf16 matmul (AMX), so only the softmax statistics are elementwise work.
 
@@ -21,18 +20,18 @@ backward  per block recompute ``P = softmax(Q'_i K^T)`` and ``dV += P^T dO_i``, 
           multiplies dQ' by the scale). FlashAttention computes ``D_i = rowsum(dO_i * O_i)`` because its key
           blocks are visited one at a time; here a query block's tile holds all the keys its rows see, so
           ``D_i = rowsum(dP_i * P_i)`` (the same number: ``O_i = P_i V``) and ``dS`` is exactly the softmax backward
-          of the tile, ATen's fused ``_softmax_backward_data`` (one pass, fp32 inside, one rounding; 18% faster
-          backward than the five-pass fp32 form, and closer to fp64).
+          of the tile, ATen's fused ``_softmax_backward_data`` (one pass, fp32 inside, one rounding: faster than the
+          five-pass fp32 form, and closer to fp64).
 
 K^T (and in backward V^T) is laid out once per call, (B, Hk, D, T) contiguous, so a tile's keys ``[k0, e)`` are a
-column slice the matmul reads in place; a slice of the transposed view K[k0:e]^T was copied by every tile's
-matmul (three copies per block; at T = 2048 forward + backward 202 -> 171 ms per SmolLM2 layer).
+column slice the matmul reads in place; a slice of the transposed view K[k0:e]^T would be copied by every tile's
+matmul (three copies per block).
 
 Unlike the fully fused GPU kernel, a query block's scores over all its keys exist at once (``bq x T`` per head,
 fp32): the working set is O(bq * T) per call, not O(T^2), and it is freed before the next block. Matmul
 outputs are in the input dtype (CPU matmuls cannot write fp32 from bf16 inputs), so bf16 results carry one
 extra rounding of S, P and dP (and of Q' = Q * scale) compared with SDPA's fp32 accumulators; the parity tests
-bound the difference (measured ~1.1-1.3x SDPA's error against fp64).
+bound the difference (bench/results/kernels.md has the measured ratio to SDPA's error against fp64).
 
 Scope: self-attention (Tq == Tk), causal, optional sliding window, no dropout, no explicit mask, no softcap —
 :func:`supports` says whether a call qualifies; :mod:`effine.ops.attention` routes everything else to SDPA or

@@ -10,7 +10,7 @@ own min/max, nothing is clamped in practice and the estimator is the identity; t
 elements outside the range (e.g. if scales are ever fixed or learned), and it is saved only when some element
 is actually clamped.
 
-With LoRA (``quant.qat_bits`` and ``adapter.method: lora``): :func:`effine.train.run.prepare_model` wraps the
+With LoRA (``quant.qat_bits`` and ``adapter.method: lora``): :func:`effine.recipe.build_model` wraps the
 linears in :class:`FakeQuantLinear` first and then wraps each of those in a
 :class:`effine.adapters.lora.LoRALinear`. Fake-quantizing the frozen ``W`` alone would be pointless (it is a
 constant, and the adapters would never see the rounding that PTQ of the deployed weight applies), so the LoRA layer
@@ -20,8 +20,9 @@ instead computes
 
 with this layer's ``fq`` (same bits, symmetric, group_size and per-channel setting; see
 :meth:`FakeQuantLinear.fake_quantize`) and the STE, so the gradients reach ``A`` and ``B`` through the rounding.
-The merged weight is formed in fp32 from the master weights and cast to the activation dtype after ``fq``. Adapter dropout has no place
-in this merged form and is refused while training (``adapter.dropout`` must be 0 with ``quant.qat_bits``).
+The merged weight is formed in fp32 from the master weights and cast to the activation dtype after ``fq``.
+Adapter dropout has no place in this merged form and is refused while training (``adapter.dropout`` must be 0
+with ``quant.qat_bits``).
 Merging (:func:`effine.adapters.merge_lora`) gives the latent ``W + s·B A``; ``effine ptq`` with the same bits,
 group_size and symmetric setting then produces exactly the ``fq(W + s·B A)`` that training computed with, and
 ``effine merge`` (``bake_qat=True``) writes ``fq(W + s·B A)`` itself.

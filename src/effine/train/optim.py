@@ -28,8 +28,8 @@ def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConf
 
 def adamw_impl(params) -> dict[str, bool]:
     """``{"fused": True}`` where PyTorch has a fused AdamW kernel for every parameter (floating point, on CPU or
-    CUDA): one kernel pass per parameter, no temporaries; on CPU 4x faster than foreach for SmolLM2-135M's 210
-    LoRA tensors (3.8 vs 15.5 ms a step, same math, max parameter difference 1.5e-8 after 5 steps). Elsewhere
+    CUDA): one kernel pass per parameter, no temporaries, the same math as foreach (bench/results/kernels.md has
+    the measured speed-up on LoRA's many small tensors). Elsewhere
     ``{"foreach": True}``: a handful of multi-tensor kernels instead of a Python loop over parameters."""
     ok = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
     return {"fused": True} if ok else {"foreach": True}

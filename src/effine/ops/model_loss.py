@@ -8,10 +8,16 @@ tokens of the whole accumulation window, which is what makes batch 8 x accum 1 e
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
-from effine.ops.loss import next_token_loss
+from effine.model.families import logit_transform
+from effine.ops.loss import default_chunk_size, next_token_loss
+
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
 
 
 def count_supervised(labels: torch.Tensor) -> int:
@@ -39,21 +45,45 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def loss_sum(model: nn.Module, batch: dict, impl: str = "chunked") -> tuple[torch.Tensor, int]:
+def loss_sum(model: nn.Module, batch: dict, impl: str = "chunked", chunk_bytes: int | None = None
+             ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over supervised tokens, and their count."""
     batch = to_device(batch, model.get_input_embeddings().weight.device)
+    labels = batch["labels"]
+    transform = logit_transform(model.config)
+    if transform is None:
+        return _plain_loss_sum(model, batch)
+    scale, softcap = transform
     hidden = model.base_model(**model_inputs(batch)).last_hidden_state  # (B, T, H)
     head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    labels = batch["labels"]
     if isinstance(head, nn.Linear) and head.bias is None:
-        loss, n = next_token_loss(hidden, head.weight, labels, impl=impl, softcap=softcap)
+        if scale != 1.0:  # lm_head(h) * s == lm_head(h * s) without a bias (Granite: s = 1 / logits_scaling)
+            hidden = hidden * scale
+        chunk = default_chunk_size(head.weight.shape[0], chunk_bytes, head.weight.element_size()) if chunk_bytes \
+            else None
+        loss, n = next_token_loss(hidden, head.weight, labels, impl=impl, softcap=softcap, chunk_size=chunk)
         return loss, int(n)
     # An adapted or biased head: project only the supervised positions through the module itself.
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     keep = y != -100
     logits = head(h[keep]).float()
+    if scale != 1.0:
+        logits = logits * scale
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
     return nn.functional.cross_entropy(logits, y[keep], reduction="sum"), int(keep.sum())
+
+
+def _plain_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """The fallback for model types whose logit transform effine does not know: the model's own full logits."""
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type not in _WARNED:
+        _WARNED.add(model_type)
+        log.warning("loss: effine does not know how %s (model_type %r) turns hidden states into logits; using "
+                    "the model's own forward and full (B, T, V) logits (correct, slower, more memory)",
+                    type(model).__name__, model_type)
+    logits = model(**model_inputs(batch)).logits[:, :-1].float()
+    y = batch["labels"][:, 1:]
+    keep = y != -100
+    return nn.functional.cross_entropy(logits[keep], y[keep], reduction="sum"), int(keep.sum())

@@ -1,4 +1,4 @@
-"""The model inventory the memory planner (:mod:`effine.train.memory`) works from: every linear, norm and
+"""The model inventory the memory planner (:mod:`effine.plan.memory`) works from: every linear, norm and
 parameter of the model ``cfg.model.name`` names, read from its config.json through a model built on the meta
 device (nothing is downloaded or allocated), and the checkpoint's size on disk."""
 
@@ -13,7 +13,7 @@ from torch import nn
 from effine.config import Config
 from effine.errors import ConfigError
 
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from effine.dtypes import DTYPES as _TORCH_DTYPES  # noqa: E402
 
 
 @dataclass
@@ -175,7 +175,8 @@ def _build_inventory(config, cfg: Config) -> _Inventory:
         head_bias=getattr(head, "bias", None) is not None,
         parallel_norm_shared=n_ln_layer0 > 1 and bool(getattr(c, "parallel_attn", False)), mlp_gated=gated,
         mlp_I=int(inter), mlp_fusable=mlp_fusable,
-        effine_attention=bool(getattr(model, "_supports_attention_backend", False)), lora_targets=lora_targets, quant_names=quant_names, buffers_bytes=buffers,
+        effine_attention=bool(getattr(model, "_supports_attention_backend", False)), lora_targets=lora_targets,
+        quant_names=quant_names, buffers_bytes=buffers,
     )
 
 
@@ -210,6 +211,10 @@ def _model_config(cfg: Config):
         return AutoConfig.from_pretrained(str(path), trust_remote_code=trust), path, None
     if gguf is not None:
         return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), None, 4
+    if name.count("/") != 1 or name.startswith((".", "/")):  # not a hub id either: say so before any download
+        from effine.model.loader import hub_error
+
+        raise hub_error(name)
     local = None
     try:  # a hub model already downloaded by an earlier run: its safetensors give the exact file size
         from huggingface_hub import snapshot_download
@@ -220,8 +225,18 @@ def _model_config(cfg: Config):
         local = None
     if local is not None and _is_model_dir(local):
         return AutoConfig.from_pretrained(str(local), trust_remote_code=trust), local, None
-    return AutoConfig.from_pretrained(name, revision=cfg.model.revision, cache_dir=str(cache / "hub"),
-                                      trust_remote_code=trust), None, None
+    from effine.model.hub_configs import shipped_config_dir
+
+    shipped = shipped_config_dir(name)  # effine's copy of the hub config.json: the same plan offline and online
+    if shipped is not None:
+        return AutoConfig.from_pretrained(str(shipped)), None, None
+    try:
+        return AutoConfig.from_pretrained(name, revision=cfg.model.revision, cache_dir=str(cache / "hub"),
+                                          trust_remote_code=trust), None, None
+    except Exception as e:  # offline, 401/404, not a hub id: the same clear message as `effine train` gives
+        from effine.model.loader import hub_error
+
+        raise hub_error(name, e) from None
 
 
 def _checkpoint_bytes(model_dir: Path | None, n_params: int, config, per_weight: int | None = None

@@ -2,8 +2,8 @@
 
 Everything is computed from the model's ``config.json`` and the run config. Parameter counts and the shape of
 every linear layer come from the model built on the ``meta`` device (exact, no memory, ~1 s; the inventory is
-:mod:`effine.train.memory_inventory`), so every family transformers knows is covered without per-family tables.
-:func:`effine.train.measure.measure_peak` runs the real thing in a subprocess for validation
+:mod:`effine.plan.inventory`), so every family transformers knows is covered without per-family tables.
+:func:`effine.plan.measure.measure_peak` runs the real thing in a subprocess for validation
 (``bench/memory_plan.py``, ``tests/unit/test_memory_plan.py``).
 
 Notation: ``N = B * T`` tokens per micro-batch (``train.batch_size`` x ``data.max_length``; packing or not, the
@@ -22,27 +22,14 @@ adapters     LoRA: ``r * (in + out)`` fp32 parameters per adapted linear (4 byte
 gradients    one per trainable parameter in its own dtype (LoRA: fp32; full fine-tuning: ``b``).
 optimizer    AdamW ``exp_avg`` + ``exp_avg_sq``: 2 per trainable parameter, in the parameter's dtype (that is what
              ``torch.optim.AdamW`` allocates: fp32 for the adapters, ``b`` for full fine-tuning of a bf16 model).
-activations  tensors autograd keeps for backward, per token and decoder layer (LoRA, frozen base)::
-
-               norms     sum over the layer's RMSNorms of 4*E + 4*E/S     (fp32 upcast of the input + rsqrt per row;
-                         E = elements per token, S = normalised size; q_norm/k_norm: E = Hq*D / Hkv*D)
-                         LayerNorm: b*E + 8*E/S (input, mean, rstd)
-               LoRA      sum over adapted linears of a*k + a*r            (fp32 copy of the input x.to(fp32) that
-                         lora_A keeps, its r-sized output that lora_B keeps; with dropout also a 1-byte mask*k. A
-                         fp32 base shares the input instead: a*k once per group of linears reading the same x)
-               attention b*(2*Hq*D + 2*Hkv*D) + 4*Hq                      (SDPA / flash: q, k, v, output and the
-                         fp32 logsumexp; no T^2 term. eager: + 4*Hq*T (softmax probabilities) and fp32 q, k, v
-                         repeated to Hq heads, + 4*Hq*T more with logit softcapping)
-               MLP       gated: b*I*(f + 2), plain: b*I*f                   (activation input (f = 1 for fused
-                         silu/gelu, 4 for the composite gelu_new/gelu_fast), activation output and up output)
-
-             With the fused ops, the inputs of q/k/v and gate/up (a fused norm's output) are recomputed from the
-             norm's input instead of kept (not layer 0's attention input under LoRA: nothing upstream needs it).
-             Frozen base linears (dense or quantized) keep nothing: their weight needs no gradient. Full
-             fine-tuning adds every linear's input (b*k, once per input group) and the norms' normalised output.
-             The first layer's input norm keeps nothing under LoRA (the frozen embedding needs no gradient).
-             Outside the layers: the final norm (4*H + 4) and the loss's saved dL/dh (n*H*b).
-             SmolLM2-135M LoRA r=16 bf16: 37,356 bytes/token/layer (x 30 layers = 1.07 MiB per token).
+activations  tensors autograd keeps for backward, per decoder layer: TRACED, not restated (:mod:`effine.plan.trace`).
+             One layer of the model is built as training builds it (LoRA, fused ops, QAT, effine's attention
+             backend) and its forward runs on short CPU rows under ``saved_tensors_hooks``; saved bytes are
+             linear in the batch and, for the backends without a (T, T) term, in T, so two short traces give the
+             bytes at any (B, T) exactly; eager attention and masked sliding windows are traced at T itself. A
+             change to ``effine.ops`` changes the plan with no edit here. Layer 0 under LoRA keeps less (the frozen
+             embedding needs no gradient): it is traced without an input gradient. Outside the layers: the final
+             norm and the token ids (a few bytes per token), and the loss's saved dL/dh (below).
              Gradient checkpointing keeps only each layer's input (b*H per token and layer) and, while one layer
              is recomputed in backward, that layer's activations.
 loss         the chunked loss (:mod:`effine.ops.loss`) at its forward peak: the chunk workspace ``c*V*b`` + 16 MiB
@@ -61,7 +48,7 @@ allocator    CPU: glibc malloc keeps freed heap memory resident (tensors below i
              32 MiB are carved from the heap and holes are not returned to the OS), so peak RSS exceeds the live
              peak. Calibrated on SmolLM2-135M and Gemma-3-270M (``bench/results/memory_plan.md``):
              ``ALLOC_CPU_FACTOR`` x (activations + loss + workspace) + ``ALLOC_CPU_FIXED``. Under jemalloc (what
-             ``effine train`` uses when it finds one, :mod:`effine.train.allocator`) ``ALLOC_CPU_FACTOR_JEMALLOC``.
+             ``effine train`` uses when it finds one, :mod:`effine.system.allocator`) ``ALLOC_CPU_FACTOR_JEMALLOC``.
              GPU: the caching allocator's fragmentation, assumed 10% of the transient part (not calibrated).
 
 Peak: the maximum over the phases "loss forward", "backward" and "optimizer step" of the live bytes; on CPU also
@@ -82,8 +69,7 @@ from typing import Any
 from effine.config import Config
 from effine.errors import ConfigError
 from effine.quant.swap import check_quant_settings
-from effine.train.memory_inventory import (_TORCH_DTYPES, _build_inventory, _checkpoint_bytes, _Inventory, _Linear,
-                                           _model_config, _Norm)
+from effine.plan.inventory import (_TORCH_DTYPES, _build_inventory, _checkpoint_bytes, _Inventory, _model_config, _Norm)
 
 __all__ = [
     "GPU_SIZES",
@@ -100,12 +86,11 @@ RUNTIME_CPU_IMPORT = 240 * MiB  # RSS after `import torch, transformers` (python
 RUNTIME_CPU_MODEL_CODE = 100 * MiB  # importing the model's modeling code, building it, first kernels
 RUNTIME_CUDA_CONTEXT = GiB // 2  # assumption: CUDA context + cuBLAS/cuDNN handles, outside torch's allocator
 ALLOC_CPU_FACTOR = 0.55  # glibc heap retention, as a share of the transient bytes (activations, loss, workspace)
-ALLOC_CPU_FACTOR_JEMALLOC = 0.15  # the same under jemalloc as effine train configures it (train/allocator.py); fit:
+ALLOC_CPU_FACTOR_JEMALLOC = 0.15  # the same under jemalloc as effine train configures it (system/allocator.py); fit:
 # 0.13-0.18 on SmolLM2-135M and Gemma-3-270M, LoRA and QLoRA, 4x512 (bench/results/memory_plan.md, jemalloc rows)
 ALLOC_CPU_FIXED = 0  # bytes
 ALLOC_GPU_FACTOR = 0.10  # assumption: CUDA caching-allocator fragmentation on the transient bytes
 BWD_WORKSPACE_PER_I = 4  # backward of one layer: ~(BWD_WORKSPACE_PER_I * b) * I + 12 * H bytes per token
-LOSS_CHUNK_BYTES = None  # None: effine.ops.loss.DEFAULT_CHUNK_BYTES
 
 # Usable memory of common accelerators, GiB (what the driver reports as total).
 GPU_SIZES: dict[str, float] = {
@@ -116,8 +101,6 @@ GPU_SIZES: dict[str, float] = {
     "mi300x": 191.5, "mi250": 63.9,
 }
 
-_COMPOSITE_ACT = {"gelu_new": 4, "gelu_fast": 4, "gelu_accurate": 4, "quick_gelu": 2, "gelu_10": 2, "mish": 3}
-_SHARED_INPUT_GROUPS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"w1", "w3"})
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -203,7 +186,8 @@ class MemoryPlan:
 
     @property
     def above_baseline(self) -> int:
-        """Predicted peak minus the process baseline: comparable to :func:`effine.train.measure.measure_peak`'s ``peak``."""
+        """Predicted peak minus the process baseline: comparable to ``peak`` of
+        :func:`effine.plan.measure.measure_peak`."""
         return self.total - self.baseline
 
     @property
@@ -301,132 +285,19 @@ def _quant_bytes(inv: _Inventory, cfg: Config, b: int) -> tuple[int, int]:
     return total, n
 
 
-def _suffix(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
-
-
-def _input_groups(linears: list[_Linear]) -> list[list[_Linear]]:
-    """Linears of one layer grouped by the tensor they read (q/k/v share x, gate/up share the MLP input)."""
-    groups: list[list[_Linear]] = []
-    for l in linears:
-        parent = l.name.rsplit(".", 1)[0]
-        for g in groups:
-            g0 = g[0]
-            if g0.name.rsplit(".", 1)[0] == parent and g0.k == l.k and any(
-                    {_suffix(g0.name), _suffix(l.name)} <= s for s in _SHARED_INPUT_GROUPS):
-                g.append(l)
-                break
-        else:
-            groups.append([l])
-    return groups
-
-
-def _is_attn_out(l: _Linear, any_name: bool = False) -> bool:
-    """The attention output projection of a Llama-style attention module, whose input is a view of the SDPA
-    output (transpose + reshape of a (B, T, H, D)-strided result: no copy). ``any_name``: also the other
-    families' names for it (Phi ``dense``, Falcon ``dense``)."""
-    parent = l.name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
-    names = ("o_proj", "dense", "out_proj") if any_name else ("o_proj",)
-    return _suffix(l.name) in names and ("attn" in parent or "attention" in parent)
-
-
-_ATTN_IN = ("q_proj", "k_proj", "v_proj")
-_NORM_READERS = (*_ATTN_IN, "gate_proj", "up_proj")
-
-
-def _layer_activation_bytes(inv: _Inventory, layer: int, cfg: Config, b: int, T: int, eager: bool,
-                            first_layer_frozen_input: bool, fused: bool = False, tiled: bool = False
-                            ) -> tuple[float, float]:
-    """(bytes per token, bytes per layer call) that autograd keeps for one decoder layer (module docstring)."""
-    full = cfg.adapter.method == "full"
-    r = cfg.adapter.r
-    targets = set(inv.lora_targets)
-    H, Hq, Hkv, D, I = inv.H, inv.Hq, inv.Hkv, inv.D, inv.mlp_I
-    total = const = 0.0
-    # a sliding-window layer shorter than T runs SDPA with an explicit (T, T) mask (kept in the compute dtype)
-    # and zeroes fully masked rows afterwards, so its output is a new tensor
-    windowed = bool(inv.sliding_window) and layer < len(inv.sliding) and inv.sliding[layer] and T > inv.sliding_window
-    windowed = windowed and not tiled  # the tiled kernel applies windows tile by tile, no mask, same output
-    if windowed and not eager:
-        const += T * T * b + T
-    # norms
-    seen_ln_input = False
-    for nm in (n for n in inv.norms if n.layer == layer):
-        if nm.size == D and D != H:  # a per-head norm (q_norm / k_norm): applied to every head of the token
-            E = (Hkv if _suffix(nm.name).startswith("k") else Hq) * D
-        else:
-            E = nm.size
-        rows = E / nm.size
-        if first_layer_frozen_input and not full and layer == 0 and "input" in nm.name:
-            continue  # its input is the frozen embedding's output: no gradient flows into it
-        if nm.layer_norm:
-            # native_layer_norm keeps input, mean and rstd (the weight gradient needs nothing more)
-            if inv.parallel_norm_shared and seen_ln_input:
-                total += 8 * rows
-                continue
-            seen_ln_input = True
-            total += b * E + 8 * rows
-            continue
-        if fused and nm.fusable:
-            total += b * E + 4 * rows  # x in its own dtype + rstd; the normalised value is recomputed
-        else:
-            total += 4 * E + 4 * rows  # x.float(), kept by pow and mul, + rsqrt
-            if full:  # the weight's gradient needs the normalised value
-                total += (4 if nm.gemma else b) * E
-    # linears, grouped by the tensor they read
-    fused_mlp = fused and inv.mlp_fusable and inv.mlp_gated
-    lins = [l for l in inv.linears if l.layer == layer]
-    groups = _input_groups(lins)
-    hidden_norms = [n for n in inv.norms if n.layer == layer and n.size == H]
-    if len(hidden_norms) == 1 and len(groups) > 1:
-        # one norm feeding attention and MLP in parallel (Phi, Falcon-7B): the MLP reads the attention's input
-        first_mlp = next((g for g in groups if ".mlp." in g[0].name or ".ffn." in g[0].name), None)
-        if first_mlp is not None and first_mlp[0].k == groups[0][0].k:
-            groups[0] = groups[0] + first_mlp
-            groups.remove(first_mlp)
-    for g in groups:
-        k = g[0].k
-        adapted = [l for l in g if l.name in targets]
-        if not (full or adapted):
-            continue
-        const += sum(r * (l.k + l.d) * b for l in adapted) if b != 4 else 0  # A, B cast to the activation dtype
-        total += len(adapted) * b * r  # lora_A's output h, kept for B's gradient
-        if cfg.adapter.dropout > 0 and adapted:
-            total += len(adapted) * (b * k + k)  # each adapter's dropout output and its bool mask
-            if not full:
-                continue
-        shares_sdpa_output = _is_attn_out(g[0]) and not eager and not windowed and inv.effine_attention
-        if tiled and inv.effine_attention and _is_attn_out(g[0], any_name=True):
-            shares_sdpa_output = True  # the tiled kernel writes its output in the projection's (B, T, H*D) layout
-        recomputed = fused_mlp and _suffix(g[0].name) in ("down_proj",)
-        # a fused norm's output read by q/k/v or gate/up is recomputed from the norm's input (effine.ops.swap),
-        # except where the norm's input needs no gradient (layer 0's, after a frozen embedding)
-        if (fused and getattr(cfg.model, "recompute_norm_outputs", True) and any(n.fusable for n in hidden_norms)
-                and _suffix(g[0].name) in _NORM_READERS):
-            frozen_in = first_layer_frozen_input and not full and layer == 0 and _suffix(g[0].name) in _ATTN_IN
-            recomputed = recomputed or not frozen_in
-        if not (shares_sdpa_output or recomputed):
-            total += b * k  # the input itself, once for the group (frozen base linears keep nothing)
-    # attention core
-    if eager:
-        total += 4 * 3 * Hq * D + 4 * Hq * T * (2 if inv.attn_softcap else 1)
-    else:
-        total += b * (2 * Hq * D + 2 * Hkv * D) + 4 * Hq  # q, k, v, output, logsumexp
-    # MLP activation
-    if fused_mlp:
-        total += 2 * b * I  # gate and up; act(gate) is recomputed
-    else:
-        f = _COMPOSITE_ACT.get(inv.act, 1)
-        total += b * I * (f + 2 if inv.mlp_gated else f)
-    return total, const
-
-
-def _activations(inv: _Inventory, cfg: Config, b: int, B: int, T: int, eager: bool, fused: bool = False,
-                 tiled: bool = False) -> tuple[int, int, int, int]:
+def _activations(model_config, inv: _Inventory, cfg: Config, b: int, B: int, T: int, attn: str,
+                 fused: bool) -> tuple[int, int, int, int]:
     """(saved bytes without checkpointing, saved layer inputs with checkpointing, bytes of the largest layer's
-    activations for this batch (what one recomputed layer holds), its bytes per token)."""
+    activations for this batch (what one recomputed layer holds), the largest layer's bytes per token).
+
+    Each decoder layer's bytes come from a traced forward of that layer (:mod:`effine.plan.trace`); outside the
+    layers only the final norm and the token ids are added here (the loss is its own term)."""
+    from effine.plan.trace import model_layer_bytes
+
     N = B * T
-    per_layer = [_layer_activation_bytes(inv, i, cfg, b, T, eager, True, fused, tiled) for i in range(inv.L)]
+    traced_attn = "sdpa" if attn == "flash_attn" else attn  # flash-attn keeps what SDPA keeps; CPU has no flash
+    layers, kinds = model_layer_bytes(model_config, cfg, traced_attn, fused, T)
+    shared = sum(k.shared_at(B) for k in kinds)  # e.g. the rotary cos/sin every layer reads: once
     final = [n for n in inv.norms if n.layer is None]
     fin = final[-1] if final else _Norm("norm", inv.H, False, None)
     if fin.layer_norm:
@@ -436,15 +307,15 @@ def _activations(inv: _Inventory, cfg: Config, b: int, B: int, T: int, eager: bo
     else:
         final_norm = 4 * inv.H + 4 + ((4 if fin.gemma else b) * inv.H if cfg.adapter.method == "full" else 0)
     final_norm += 16  # int64 token ids (embedding backward) and the loss's row index
-    no_ckpt = int(sum(t for t, _ in per_layer) * N + sum(c for _, c in per_layer) + final_norm * N)
-    big_t, big_c = max(_layer_activation_bytes(inv, i, cfg, b, T, eager, False, fused, tiled) for i in range(inv.L))
-    inputs = int(inv.L * b * inv.H * N + final_norm * N)
-    one_layer = int(big_t * N + big_c)
-    return no_ckpt, inputs, one_layer, int(max(t for t, _ in per_layer))
+    no_ckpt = sum(lb.at(B) for lb in layers) + shared + final_norm * N
+    # with checkpointing a layer is recomputed in backward with its input requiring grad
+    one_layer = max(k.at(B) + k.shared_at(B) for k in kinds)
+    inputs = inv.L * b * inv.H * N + final_norm * N
+    return int(no_ckpt), int(inputs), int(one_layer), int(max(lb.per_row for lb in layers) / T)
 
 
 def _fused_ops(cfg: Config) -> bool:
-    """Whether ``prepare_model`` swaps in the fused RMSNorm / gated MLP (``model.fused_ops``, ``EFFINE_FUSED``)."""
+    """Whether ``build_model`` swaps in the fused RMSNorm / gated MLP (``model.fused_ops``, ``EFFINE_FUSED``)."""
     if not getattr(cfg.model, "fused_ops", False):
         return False
     try:
@@ -485,7 +356,6 @@ def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | N
         attn = "eager" if (inv.attn_softcap and not (device == "cuda" and attn == "flash_attn")) else \
             ("tiled" if device == "cpu" and attn == "auto" else "sdpa")
     eager = attn == "eager"
-    tiled = attn == "tiled"  # windows without a (T, T) mask, output shared with the output projection
     if eager:
         notes.append("eager attention keeps (B, Hq, T, T) fp32 probabilities per layer: memory grows with T^2")
 
@@ -510,7 +380,8 @@ def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | N
 
     # activations
     fused = _fused_ops(cfg) if fused is None else fused
-    acts_full, acts_inputs, acts_one_layer, per_tok_layer = _activations(inv, cfg, b, B, T, eager, fused, tiled)
+    acts_full, acts_inputs, acts_one_layer, per_tok_layer = _activations(model_config, inv, cfg, b, B, T, attn,
+                                                                         fused)
     ckpt = cfg.model.gradient_checkpointing
     # checkpointing: the loss runs while only the layer inputs exist; backward recomputes one layer at a time
     acts_fwd = acts_inputs if ckpt else acts_full
@@ -518,9 +389,9 @@ def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | N
     H, V, I = inv.H, inv.V, inv.mlp_I
 
     # loss (effine.ops.loss): forward peak of the fused chunked loss
-    from effine.ops.loss import DEFAULT_CHUNK_BYTES, SCRATCH_BYTES, default_chunk_size
+    from effine.ops.loss import SCRATCH_BYTES, default_chunk_size
 
-    chunk = min(n, default_chunk_size(V, LOSS_CHUNK_BYTES or DEFAULT_CHUNK_BYTES, itemsize=b))
+    chunk = min(n, default_chunk_size(V, cfg.train.loss_chunk_mb * 2**20, itemsize=b))
     ws = chunk * V * b + min(chunk * V * 4, max(SCRATCH_BYTES, chunk * 1024 * 4))  # logits + fp32 column block
     loss_saved = n * H * b  # dL/dh, kept until backward
     loss_fwd = ws + N * H * b + 2 * n * H * b
@@ -548,7 +419,7 @@ def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | N
     }
     alloc_factor, alloc_fixed = (ALLOC_CPU_FACTOR, ALLOC_CPU_FIXED) if device == "cpu" else (ALLOC_GPU_FACTOR, 0)
     if device == "cpu":
-        from effine.train.allocator import will_use_jemalloc
+        from effine.system.allocator import will_use_jemalloc
 
         if will_use_jemalloc():
             alloc_factor = ALLOC_CPU_FACTOR_JEMALLOC
