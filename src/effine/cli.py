@@ -8,6 +8,8 @@
     effine push RUN_DIR --repo user/name [--what adapter|merged|gguf] [--private] [--revision BRANCH] [--dry-run]
     effine plan CONFIG [--set ...] [--gpu 80]
     effine config keys | effine config show CONFIG [--set ...] | effine config list [DIR]
+    effine report RUN_DIR [RUN_DIR ...] [--out FILE]
+    effine watch RUN_DIR [--interval S] [--once]
 
 Every user error (bad config key, malformed data row, missing model) prints one clear message and exits 2.
 `effine train` also exits 3 (stopped on non-finite losses), 4 (disk full), 130 (Ctrl-C) and 143 (SIGTERM);
@@ -140,6 +142,20 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from effine.report import build_report
+
+    print(f"report written: {build_report(args.run_dirs, args.out)}")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from effine.report.watch import watch
+
+    watch(args.run_dir, interval=args.interval, once=args.once)
+    return 0
+
+
 def _config_list(directory: str | None) -> int:
     """Every shipped config: model, method, the hardware it is sized for, and effine plan's GPU peak."""
     from pathlib import Path
@@ -266,6 +282,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config value")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("report", help="(re)build a run's report.html, or one page comparing several runs",
+                       description="One self-contained HTML page (no network): curves, data report, memory, task "
+                       "metrics, generations before/after, environment. With several run dirs: one comparison page "
+                       "(curves overlaid, a table of the key numbers).")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory (output.dir of effine train)")
+    p.add_argument("--out", help="output file (default RUN_DIR/report.html; several runs: effine-compare.html)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("watch", help="follow a run in the terminal (live or finished)",
+                       description="Step / total, ETA, loss sparkline, throughput and last eval loss, read from the "
+                       "run dir's metrics.jsonl; works from another shell while `effine train` runs. Exits when the "
+                       "run has finished (at once for a finished run).")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    p.add_argument("--once", action="store_true", help="print the current state once and exit")
+    p.set_defaults(func=cmd_watch)
     return parser
 
 

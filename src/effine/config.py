@@ -159,6 +159,10 @@ class TrainConfig:
         "or stop the run (exit code 3). Either way it is logged with its rows (file:line).")
     max_nonfinite: int = _f(3, "With nonfinite=skip: stop (exit code 3) after this many skipped windows in a row.",
                             min=1)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = _f(
+        [], "Experiment trackers that get the metrics.jsonl series and the config (secrets redacted): tensorboard "
+        "(RUN_DIR/tensorboard), wandb ($WANDB_PROJECT; WANDB_MODE=offline stays local), mlflow ($MLFLOW_TRACKING_URI, "
+        "else RUN_DIR/mlruns). Needs pip install 'effine[tracking]'.")
 
 
 @dataclass

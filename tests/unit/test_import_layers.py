@@ -10,9 +10,10 @@
     5  recipe                                   build_model(recipe): model + quant + adapters + ops
     6  eval, export, train (the engine)         loss/generation, merge/PTQ/GGUF, loop/step/optimizer/checkpoints
     7  plan                                     memory prediction and measurement (measures the engine)
-    8  train.run, report                        a whole run: everything above, in order
-    9  cli                                      the command line
-   10  __main__                                 `python -m effine` (torchrun)
+    8  report                                   report.html, effine watch, what a run records for them
+    9  train.run                                a whole run: everything above, in order (it writes the report)
+   10  cli                                      the command line
+   11  __main__                                 `python -m effine` (torchrun)
 
 Imports inside functions count too (a function-local import hides a cycle, it does not remove it).
 """
@@ -33,8 +34,9 @@ LAYERS: dict[str, int] = {
     "effine.recipe": 5,
     "effine.eval": 6, "effine.export": 6, "effine.train": 6,
     "effine.plan": 7,
-    "effine.train.run": 8, "effine.report": 8,
-    "effine.cli": 9, "effine.__main__": 10,
+    "effine.report": 8,
+    "effine.train.run": 9,
+    "effine.cli": 10, "effine.__main__": 11,
 }
 
 

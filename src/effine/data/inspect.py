@@ -26,13 +26,18 @@ def _runs(example: Example, special: set[int]) -> list[tuple[bool, bool, list[in
     return runs
 
 
+def label_segments(example: Example, tokenizer: Any) -> list[tuple[str, bool, bool]]:
+    """The example's text as ``(text, trained, special)`` pieces, in order (the report page draws these)."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    # Decoding a run at once keeps multi-byte characters split across tokens intact.
+    return [(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), trained, is_sp)
+            for trained, is_sp, ids in _runs(example, special)]
+
+
 def render_labels(example: Example, tokenizer: Any, color: bool) -> str:
     """The example's text with trained spans highlighted and special tokens shown literally."""
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
     parts = []
-    for trained, is_special, ids in _runs(example, special):
-        # Decoding a run at once keeps multi-byte characters split across tokens intact.
-        text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    for text, trained, is_special in label_segments(example, tokenizer):
         if color:
             if is_special:
                 text = f"{DIM}{text}{RESET}"

@@ -90,6 +90,7 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
     state = state or LoopState()
     cfg = dist.global_config(cfg)  # [distributed hook] data order and steps of the global batch (one rank: same)
     total = plan_steps(len(examples), cfg)
+    metrics.write("start", step=state.step, total_steps=total)  # what `effine watch` counts toward
     batches = micro_batches(examples, cfg, pad_id, state.epoch, state.batch_index, dist)
     trainable = [p for p in model.parameters() if p.requires_grad]
     guard = NumericsGuard(cfg, metrics, log)

@@ -10,10 +10,12 @@ from typing import Any
 
 
 class MetricsLog:
-    """Appends one JSON object per event to ``run_dir/metrics.jsonl`` (flushed, so a crash loses nothing)."""
+    """Appends one JSON object per event to ``run_dir/metrics.jsonl`` (flushed, so a crash loses nothing), and
+    hands the same values to the run's experiment trackers (:mod:`effine.train.trackers`)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, trackers: Any = None):
         self.path = path
+        self.trackers = trackers
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = self.path.open("a")
 
@@ -21,9 +23,13 @@ class MetricsLog:
         row = {"kind": kind, "time": round(time.time(), 3), **values}
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
+        if self.trackers is not None:
+            self.trackers.log(kind, values)
 
     def close(self) -> None:
         self._f.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

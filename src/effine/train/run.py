@@ -4,7 +4,7 @@
       config.yaml          the resolved config (after --set overrides and defaults)
       train.log            everything printed
       data_report.txt      rows kept/dropped (with file:line), token stats
-      metrics.jsonl        one JSON object per log/eval event
+      metrics.jsonl        one JSON object per log/eval event (and a "start" row with the planned total steps)
       checkpoints/         resumable checkpoints (trainable weights, optimizer, RNG, loop position, fingerprint,
                            manifest; see effine.train.checkpoint; several processes: torch.distributed.checkpoint
                            shards, see train/dist_checkpoint.py)
@@ -13,8 +13,11 @@
                            + effine_run.json (how the base was built: dtype, quantization)
       model/               full fine-tuning (or output.save_merged): a transformers model dir
       report.md            before/after eval loss and sample generations
+      report.html          the run report page (effine.report): curves, data, memory, samples, environment
+      data_example.json    token-length histogram and one sample with its trained tokens, for report.html
       loss.png             the loss curves
-      summary.json         the numbers of report.md, machine-readable
+      summary.json         the numbers of report.md, machine-readable (+ memory, environment, samples)
+      tensorboard/ wandb/ mlruns/   when train.report_to names those trackers
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from effine.eval.evaluate import evaluate
 from effine.eval.generate import generate, prompt_from_example, prompt_ids_for
 from effine.model.loader import cache_root, load_tokenizer, resolve_device, resolve_model_dir
 from effine.recipe import ModelRecipe, build_model, write_recipe
+from effine.report import write_report_safely
+from effine.report.facts import run_facts, write_data_example
 from effine.train.checkpoint import LoopState, check_disk_space, committed, find_resumable, read_fingerprint
 from effine.train.dist_checkpoint import load_any_checkpoint
 from effine.train.faults import fault
@@ -42,6 +47,7 @@ from effine.train.optim import build_optimizer
 from effine.train.resume import check_resume
 from effine.train.resume import fingerprint as run_fingerprint
 from effine.train.signals import StopSignals
+from effine.train.trackers import open_trackers
 
 
 class RunLog:
@@ -161,6 +167,8 @@ def _run(cfg: Config, run_dir: Path, log: RunLog, ckpt: Path | None, force: bool
     with dist.main_first():  # rank 0 fills the tokenisation cache, the others read it
         train_set, eval_set, report = build_datasets(cfg.data, tokenizer,
                                                      cache_dir=cache_root(cfg.model.cache_dir), log=log)
+    if dist.is_main:
+        write_data_example(run_dir, train_set, tokenizer)  # for report.html (before packing mixes the samples)
     template = None
     if cfg.data.format not in ("prompt_completion", "text"):
         from effine.data.template import resolve_chat_template
@@ -207,7 +215,7 @@ def _run(cfg: Config, run_dir: Path, log: RunLog, ckpt: Path | None, force: bool
         metrics.write("eval", step=step, **res)
         return res
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl") if dist.is_main else quiet
+    metrics = MetricsLog(run_dir / "metrics.jsonl", trackers=open_trackers(cfg, run_dir)) if dist.is_main else quiet
     state, samples = LoopState(), []
     prompts = sample_prompts(cfg, tokenizer, eval_set)
     eval_before, gens_before = None, [""] * len(prompts)
@@ -265,8 +273,10 @@ def _run(cfg: Config, run_dir: Path, log: RunLog, ckpt: Path | None, force: bool
                "tokens_per_s": result.tokens_per_s, "supervised_per_s": result.supervised_per_s,
                "final_train_loss": result.last_loss, "eval_before": eval_before, "eval_after": eval_after,
                "data": report.to_dict() if hasattr(report, "to_dict") else None}
+    summary.update(run_facts(cfg), samples=samples)  # memory, environment, generations: for report.html
     _write_report(run_dir, cfg, summary, samples)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report_safely(run_dir, log)
     log(f"done: {run_dir}/report.md")
     if cfg.output.push.repo:  # last, after the run is complete: a failed push is logged with its retry command
         from effine.export.push import push_after_training
