@@ -157,10 +157,11 @@ def export_gguf(source: str | Path, out: str | Path | None = None, qtype: str = 
 
             ok, why = availability()
             if ok:
-                from effine.export.gguf_verify import verify_gguf
+                from effine.export.gguf_verify import describe, verify_gguf
 
                 report["verification"] = verify_gguf(out, model_dir, qtype, prompts=prompts)
                 report["verification"]["llama_cpp"] = why
+                log(f"[effine] {describe(report['verification'])}")
             else:
                 report["verification"] = {"skipped": why}
                 log(f"[effine] NOT verified in llama.cpp: {why}")

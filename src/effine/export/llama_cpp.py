@@ -71,7 +71,8 @@ class LlamaCpp:
         self.vocab = self.lib.llama_model_get_vocab(self.model)
         self.n_vocab = self.lib.llama_vocab_n_tokens(self.vocab)
         self.n_ctx = n_ctx
-        self.n_threads = n_threads or min(4, os.cpu_count() or 1)
+        # ggml's threads spin while waiting for each other: more threads than idle cores is far slower than one.
+        self.n_threads = n_threads or max(1, min(4, len(os.sched_getaffinity(0)) // 2))
         self.ctx = self.ffi.NULL
 
     def _quiet(self) -> None:

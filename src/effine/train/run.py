@@ -225,6 +225,10 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
                "data": report.to_dict() if hasattr(report, "to_dict") else None}
     _write_report(run_dir, cfg, summary, samples)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.output.export:  # output.export: GGUF / merged exports of the finished run (effine.export.after_training)
+        from effine.export.after_training import run_exports
+
+        summary["exports"] = run_exports(cfg, run_dir, log)
     log(f"done: {run_dir}/report.md")
     return summary
 
