@@ -5,7 +5,8 @@
          base dequantized, fp32; nothing requantized) into a temporary model dir
       2. weights renamed and transformed to llama.cpp's conventions (effine.export.gguf_arch), stored as
          f32 / f16 / bf16, or q8_0 / q4_0 blocks (effine.export.gguf_quant); 1-D tensors (norms, biases) stay
-         f32, and a matrix whose rows are not a multiple of 32 long is stored f16 under q8_0 / q4_0
+         f32, a matrix whose rows are not a multiple of 32 long is stored f16 under q8_0 / q4_0, and under q4_0
+         the embedding and output matrices are q8_0
       3. tokenizer and chat template embedded (effine.export.gguf_vocab), written with the ``gguf`` package
       4. an Ollama Modelfile beside the file (effine.export.ollama)
       5. if llama.cpp is importable: the file is loaded in llama.cpp and compared with the source model in
@@ -75,6 +76,8 @@ def _tensor_data(name: str, t: torch.Tensor, qtype: str) -> tuple[np.ndarray, An
     t = t.detach()
     if t.dim() == 1 or qtype == "f32":
         return t.to(torch.float32).numpy(), None, "f32"
+    if qtype == "q4_0" and name in ("token_embd.weight", "output.weight"):
+        qtype = "q8_0"  # as llama.cpp's own Q4_0 mix keeps the output matrix finer: every logit goes through it
     if qtype in ("q8_0", "q4_0") and t.shape[-1] % BLOCK == 0:
         return quantize_blocks(t, qtype), _Q.Q8_0 if qtype == "q8_0" else _Q.Q4_0, qtype
     if qtype == "bf16":

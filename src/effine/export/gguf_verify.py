@@ -7,16 +7,19 @@ For each prompt (rendered through the chat template when the tokenizer has one):
    how often both pick the same top token);
 3. greedy: both continue greedily for ``max_new_tokens``; the continuations are compared token for token.
 
-What passes, per type (``TOLERANCES``; tests/test_gguf_export.py holds both sides to them):
+What passes, per type (``TOLERANCES``; logit differences relative to the largest reference logit, so the bounds
+hold for any logit scale):
 
-* f32, f16, bf16: the same tokens everywhere: tokenizer, top-1 at every prompt position, every greedy
-  continuation identical. (f16/bf16 round each weight; on these small models that moved no choice, and a
-  changed greedy token would mean a broken export, not rounding.)
-* q8_0: tokenizer identical, top-1 agreement on prompt positions >= 0.9, max logit difference <= 2.0 (logits
-  of these models span about +-30; 8-bit blocks move them by a few tenths). Greedy continuations are reported
-  but may drift after the first near-tie.
-* q4_0: tokenizer identical, top-1 agreement >= 0.6. 4-bit blocks change logits by several units; the file is
-  checked to be the same model, coarsely quantized, not to compute the same text.
+* f32, f16, bf16: tokenizer identical, the same top token at every prompt position and every greedy
+  continuation identical (f32 also: max |logit difference| <= 1% of the largest logit).
+* q8_0: tokenizer identical, top-1 agreement on prompt positions >= 0.85, max |logit difference| <= 10% of the
+  largest logit. llama.cpp also rounds the activations to 8 bits in q8_0 matrix products, so a greedy
+  continuation may take the other branch at a near-tie (SmolLM2-135M: "What is the capital of France?" starts
+  with two tokens 0.08 apart in logit); greedy agreement is reported, not required.
+* q4_0: tokenizer identical, top-1 agreement >= 0.5: 4-bit blocks change logits by several units on a 135M model;
+  the check is that the file is the same model, coarsely quantized.
+
+Measured on SmolLM2-135M-Instruct (3 prompts, 16 greedy tokens): see README "Publish".
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from effine.export.llama_cpp import LlamaCpp
 
 DEFAULT_PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
                    "Explain in two sentences why the sky is blue."]
-# type -> (min top-1 agreement on prompt positions, max |logit difference| or None, greedy must match)
+# type -> (min top-1 agreement on prompt positions, max |logit difference| / max |reference logit| or None,
+#          greedy continuations must be identical)
 TOLERANCES: dict[str, tuple[float, float | None, bool]] = {
-    "f32": (1.0, 0.25, True), "f16": (1.0, None, True), "bf16": (1.0, None, True),
-    "q8_0": (0.9, 2.0, False), "q4_0": (0.6, None, False),
+    "f32": (1.0, 0.01, True), "f16": (1.0, None, True), "bf16": (1.0, None, True),
+    "q8_0": (0.85, 0.10, False), "q4_0": (0.5, None, False),
 }
 
 
@@ -53,18 +57,11 @@ def _render(tokenizer, prompt: str) -> tuple[str, list[int], bool]:
 
 @torch.no_grad()
 def _hf_greedy(model, ids: list[int], n: int, stop: set[int]) -> list[int]:
-    out: list[int] = []
-    past = None
     x = torch.tensor([ids])
-    for _ in range(n):
-        res = model(input_ids=x, past_key_values=past, use_cache=True)
-        past = res.past_key_values
-        tok = int(res.logits[0, -1].argmax())
-        out.append(tok)
-        if tok in stop:
-            break
-        x = torch.tensor([[tok]])
-    return out
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                         eos_token_id=sorted(stop) or None, pad_token_id=sorted(stop)[0] if stop else None,
+                         top_p=None, top_k=None, temperature=None)
+    return out[0, len(ids):].tolist()
 
 
 def verify_gguf(path: str | Path, model_dir: str | Path, qtype: str, prompts: list[str] | None = None,
@@ -107,7 +104,7 @@ def verify_gguf(path: str | Path, model_dir: str | Path, qtype: str, prompts: li
         "ref_max_abs_logit": ref_max, "top1_agreement": agree / positions,
         "tokenizer_match": all(r["tokenizer_match"] for r in rows),
         "greedy_same": sum(r["greedy_same"] for r in rows), "greedy_of": len(rows),
-        "tolerance": {"min_top1_agreement": min_agree, "max_abs_logit_diff": max_logit,
+        "tolerance": {"min_top1_agreement": min_agree, "max_abs_logit_diff_relative": max_logit,
                       "greedy_must_match": greedy_required},
     }
     failures = []
@@ -115,8 +112,8 @@ def verify_gguf(path: str | Path, model_dir: str | Path, qtype: str, prompts: li
         failures.append("llama.cpp tokenizes a prompt differently from transformers")
     if summary["top1_agreement"] < min_agree:
         failures.append(f"top-1 agreement {summary['top1_agreement']:.3f} < {min_agree}")
-    if max_logit is not None and max_diff > max_logit:
-        failures.append(f"max logit difference {max_diff:.4f} > {max_logit}")
+    if max_logit is not None and max_diff > max_logit * ref_max:
+        failures.append(f"max logit difference {max_diff:.4f} > {max_logit} x {ref_max:.2f}")
     if greedy_required and summary["greedy_same"] != len(rows):
         failures.append(f"greedy continuation differs on {len(rows) - summary['greedy_same']} prompt(s)")
     summary["passed"] = not failures
