@@ -23,6 +23,7 @@ $(VENV)/.effine-installed: pyproject.toml Makefile
 
 demo: setup
 	$(VENV)/bin/effine train configs/smollm2-135m-lora.yaml --set output.overwrite=true
+	@echo "Export for llama.cpp / Ollama (checked in llama.cpp): $(VENV)/bin/effine export gguf runs/smollm2-135m-instruct-lora --type q8_0"
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests

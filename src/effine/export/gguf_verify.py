@@ -10,8 +10,10 @@ For each prompt (rendered through the chat template when the tokenizer has one):
 What passes, per type (``TOLERANCES``; logit differences relative to the largest reference logit, so the bounds
 hold for any logit scale):
 
-* f32, f16, bf16: tokenizer identical, the same top token at every prompt position and every greedy
-  continuation identical (f32 also: max |logit difference| <= 1% of the largest logit).
+* f32: tokenizer identical, the same top token at every prompt position, every greedy continuation identical,
+  max |logit difference| <= 1% of the largest logit.
+* f16, bf16: tokenizer identical, every greedy continuation identical, top-1 agreement on prompt positions
+  >= 0.98 (inside a prompt a near-tie may flip: SmolLM2 bf16 flips 1 of 115 positions, by a 0.4 logit change).
 * q8_0: tokenizer identical, top-1 agreement on prompt positions >= 0.85, max |logit difference| <= 10% of the
   largest logit. llama.cpp also rounds the activations to 8 bits in q8_0 matrix products, so a greedy
   continuation may take the other branch at a near-tie (SmolLM2-135M: "What is the capital of France?" starts
@@ -37,7 +39,7 @@ DEFAULT_PROMPTS = ["What is the capital of France?", "Write a short poem about t
 # type -> (min top-1 agreement on prompt positions, max |logit difference| / max |reference logit| or None,
 #          greedy continuations must be identical)
 TOLERANCES: dict[str, tuple[float, float | None, bool]] = {
-    "f32": (1.0, 0.01, True), "f16": (1.0, None, True), "bf16": (1.0, None, True),
+    "f32": (1.0, 0.01, True), "f16": (0.98, None, True), "bf16": (0.98, None, True),
     "q8_0": (0.85, 0.10, False), "q4_0": (0.5, None, False),
 }
 
