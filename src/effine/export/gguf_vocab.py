@@ -110,6 +110,11 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, tokenizer, vocab_siz
         writer.add_token_scores([-float(rank[t]) if t in rank else (0.0 if types[i] != T.NORMAL else floor)
                                  for i, t in enumerate(names)])
         pre = "default"
+        # llama.cpp's SentencePiece tokenizer prepends "▁" unless told not to; transformers does only if the
+        # normalizer has a Prepend step or the pre-tokenizer is a prefix-adding Metaspace (Llama-2: yes, Gemma: no).
+        blob = json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer")])
+        writer.add_add_space_prefix('"type": "Prepend"' in blob or (
+            '"type": "Metaspace"' in blob and '"prepend_scheme": "never"' not in blob))
     else:
         pre = _pre_tokenizer_name(tj.get("pre_tokenizer"))
         writer.add_tokenizer_model("gpt2")
