@@ -131,7 +131,8 @@ def write_gguf(model_dir: Path, out: Path, qtype: str, name: str | None = None) 
 
 
 def export_gguf(source: str | Path, out: str | Path | None = None, qtype: str = "q8_0", *, verify: bool = True,
-                modelfile: bool = True, prompts: list[str] | None = None, log=print) -> dict[str, Any]:
+                modelfile: bool = True, prompts: list[str] | None = None, name: str | None = None,
+                log=print) -> dict[str, Any]:
     """Export a run dir or model dir to GGUF, write a Modelfile and (if llama.cpp is importable) verify it.
 
     Returns the report (also written as ``<out>.verify.json`` when verified). ``verify=False`` skips llama.cpp.
@@ -147,7 +148,7 @@ def export_gguf(source: str | Path, out: str | Path | None = None, qtype: str = 
     t0 = time.perf_counter()
     report: dict[str, Any] = {"source": str(source), "gguf": str(out)}
     with source_model_dir(source) as model_dir:
-        report["written"] = write_gguf(model_dir, out, qtype, name=source.resolve().name)
+        report["written"] = write_gguf(model_dir, out, qtype, name=name or source.resolve().name)
         log(f"[effine] wrote {out} ({report['written']['bytes'] / 2**20:.1f} MiB, {qtype}, "
             f"arch {report['written']['arch']})")
         if modelfile:
