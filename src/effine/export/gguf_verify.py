@@ -14,8 +14,8 @@ hold for any logit scale):
   max |logit difference| <= 1% of the largest logit.
 * f16, bf16: tokenizer identical, every greedy continuation identical, top-1 agreement on prompt positions
   >= 0.98 (inside a prompt a near-tie may flip: SmolLM2 bf16 flips 1 of 115 positions, by a 0.4 logit change).
-* q8_0: tokenizer identical, top-1 agreement on prompt positions >= 0.85, max |logit difference| <= 10% of the
-  largest logit. llama.cpp also rounds the activations to 8 bits in q8_0 matrix products, so a greedy
+* q8_0: tokenizer identical, top-1 agreement on prompt positions >= 0.85, max |logit difference| <= 15% of the
+  largest logit (measured: 7-10% on SmolLM2-135M, most of it from llama.cpp's 8-bit activations). llama.cpp also rounds the activations to 8 bits in q8_0 matrix products, so a greedy
   continuation may take the other branch at a near-tie (SmolLM2-135M: "What is the capital of France?" starts
   with two tokens 0.08 apart in logit); greedy agreement is reported, not required.
 * q4_0: tokenizer identical, top-1 agreement >= 0.5: 4-bit blocks change logits by several units on a 135M model;
@@ -40,7 +40,7 @@ DEFAULT_PROMPTS = ["What is the capital of France?", "Write a short poem about t
 #          greedy continuations must be identical)
 TOLERANCES: dict[str, tuple[float, float | None, bool]] = {
     "f32": (1.0, 0.01, True), "f16": (0.98, None, True), "bf16": (0.98, None, True),
-    "q8_0": (0.85, 0.10, False), "q4_0": (0.5, None, False),
+    "q8_0": (0.85, 0.15, False), "q4_0": (0.5, None, False),
 }
 
 
