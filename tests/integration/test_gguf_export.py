@@ -156,3 +156,18 @@ def test_failed_export_after_training_keeps_the_run_and_says_how_to_retry(tmp_pa
     assert results["gguf-q8_0"].startswith("failed: ConfigError") and results["merged"].startswith("failed:")
     assert any(f"retry with: effine export gguf {tmp_path} --type q8_0" in line for line in lines)
     assert any(f"retry with: effine merge {tmp_path}" in line for line in lines)
+
+
+@pytest.mark.slow
+@needs_llama
+def test_gemma3_270m_exports_verified_f16(tmp_path):
+    """Gemma-3-270M (real weights, 262k SentencePiece-style vocabulary, no chat template): the f16 GGUF tokenizes
+    and continues a prompt in llama.cpp exactly as transformers does (kept cheap: one prompt, no training)."""
+    from effine.model.loader import resolve_model_dir
+
+    rep = export_gguf(resolve_model_dir("gemma3-270m"), tmp_path / "g.gguf", "f16",
+                      prompts=["The capital of France is"])
+    v = rep["verification"]
+    assert rep["written"]["arch"] == "gemma3" and rep["written"]["tokenizer"]["model"] == "llama"
+    assert v["passed"] and v["tokenizer_match"] and v["greedy_same"] == 1, v
+    assert "{{ .Prompt }}" in (tmp_path / "g.Modelfile").read_text()  # a base model: plain completion template
