@@ -23,6 +23,7 @@ $(VENV)/.effine-installed: pyproject.toml Makefile
 
 demo: setup
 	$(VENV)/bin/effine train configs/smollm2-135m-lora.yaml --set output.overwrite=true
+	@echo "Export for llama.cpp / Ollama (checked in llama.cpp): $(VENV)/bin/effine export gguf runs/smollm2-135m-instruct-lora --type q8_0"
 	@echo "Publish it: $(VENV)/bin/effine push runs/smollm2-135m-instruct-lora --repo YOUR_HF_USER/smollm2-chat  (HF_TOKEN or hf auth login; add --dry-run to preview)"
 
 test: setup lint browser

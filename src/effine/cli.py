@@ -95,6 +95,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from effine.export.gguf import export_gguf
+
+    rep = export_gguf(args.source, args.out, args.type, verify=not args.no_verify, prompts=args.prompt or None)
+    v = rep["verification"]
+    if "skipped" not in v and not v["passed"]:
+        print(f"effine: error: the GGUF does not match the source model within the {args.type} tolerance; "
+              f"see {rep['report']}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_ptq(args: argparse.Namespace) -> int:
     from effine.export.ptq import ptq_export
     from effine.model.loader import resolve_model_dir
@@ -233,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QAT runs: keep the latent weights (W + s·BA, or W), not fq(W + s·BA) (or fq(W))")
     p.add_argument("--no-verify", action="store_true", help="skip reloading the saved dir")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="export a run dir or model dir for other runtimes (GGUF: llama.cpp, Ollama)",
+                       description="effine export gguf SOURCE: merge a run dir (QLoRA base dequantized), write one "
+                       "GGUF file with the tokenizer and chat template, an Ollama Modelfile beside it, and (when "
+                       "llama.cpp is importable: pip install llama-cpp-py-sync) compare llama.cpp with transformers "
+                       "on a few prompts; the report is written beside the file as NAME.verify.json.")
+    p.add_argument("format", choices=["gguf"], help="output format")
+    p.add_argument("source", help="run dir (config.yaml + adapter/ or model/) or transformers model dir")
+    p.add_argument("--out", help="output .gguf file (default SOURCE/gguf/<name>-<type>.gguf)")
+    p.add_argument("--type", default="q8_0", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="weight type (default q8_0); norms and biases stay f32")
+    p.add_argument("--prompt", action="append", help="prompt for the llama.cpp check (repeatable)")
+    p.add_argument("--no-verify", action="store_true", help="skip the llama.cpp check")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ptq", help="post-training int4/int8 quantization of a model dir (loadable by effine)",
                        description="Quantize every decoder linear group-wise (r = (q - Z) * S) and save "

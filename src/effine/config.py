@@ -207,6 +207,9 @@ class OutputConfig:
     overwrite: bool = _f(False, "Allow writing into a run directory that already holds a finished run.")
     save_merged: bool = _f(False, "Also save the merged model (base + adapter) as a transformers model dir.")
     push: PushConfig = field(default_factory=PushConfig)
+    export: list[Literal["gguf-f32", "gguf-f16", "gguf-bf16", "gguf-q8_0", "gguf-q4_0", "merged"]] = _f(
+        [], "Exports run at the end of training: gguf-<type> (`effine export gguf`, checked in llama.cpp when "
+        "installed) and merged (`effine merge`, bf16). A failed export keeps the run and prints how to retry.")
 
 
 @dataclass

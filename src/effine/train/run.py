@@ -276,6 +276,11 @@ def _run(cfg: Config, run_dir: Path, log: RunLog, ckpt: Path | None, force: bool
     summary.update(run_facts(cfg), samples=samples)  # memory, environment, generations: for report.html
     _write_report(run_dir, cfg, summary, samples)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.output.export:  # output.export: GGUF / merged exports of the finished run (effine.export.after_training)
+        from effine.export.after_training import run_exports
+
+        summary["exports"] = run_exports(cfg, run_dir, log)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))  # now with what was exported
     write_report_safely(run_dir, log)
     log(f"done: {run_dir}/report.md")
     if cfg.output.push.repo:  # last, after the run is complete: a failed push is logged with its retry command
