@@ -16,8 +16,9 @@ hold for any logit scale):
   >= 0.98 (inside a prompt a near-tie may flip: SmolLM2 bf16 flips 1 of 115 positions, by a 0.4 logit change).
 * q8_0: tokenizer identical, top-1 agreement on prompt positions >= 0.85, max |logit difference| <= 15% of the
   largest logit (measured: 7-10% on SmolLM2-135M, most of it from llama.cpp's 8-bit activations). llama.cpp
-  also rounds the activations to 8 bits in q8_0 matrix products, so a greedy continuation may take the other branch at a near-tie (SmolLM2-135M: "What is the capital of France?" starts
-  with two tokens 0.08 apart in logit); greedy agreement is reported, not required.
+  also rounds the activations to 8 bits in q8_0 matrix products, so a greedy continuation may take the other
+  branch at a near-tie (SmolLM2-135M: "What is the capital of France?" starts with two tokens 0.08 apart in
+  logit); greedy agreement is reported, not required.
 * q4_0: tokenizer identical, top-1 agreement >= 0.5: 4-bit blocks change logits by several units on a 135M model;
   the check is that the file is the same model, coarsely quantized.
 
