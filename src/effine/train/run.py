@@ -29,6 +29,8 @@ from effine.config import Config, save_config
 from effine.errors import ConfigError
 from effine.eval.evaluate import evaluate
 from effine.eval.generate import generate, prompt_from_example, prompt_ids_for, write_run_meta
+from effine.eval.task_run import report_lines as task_report_lines
+from effine.eval.task_run import task_eval_phase, task_eval_summary
 from effine.model.loader import cache_root, load_model, load_tokenizer, resolve_device, resolve_model_dir
 from effine.train.checkpoint import LoopState, latest_checkpoint, load_checkpoint
 from effine.train.metrics import MetricsLog, plot_losses
@@ -124,6 +126,7 @@ def _write_report(run_dir: Path, cfg: Config, summary: dict, samples: list[dict]
              "| | before | after |", "|---|---|---|",
              f"| eval loss | {summary['eval_before']['eval_loss']:.4f} | {summary['eval_after']['eval_loss']:.4f} |",
              f"| eval perplexity | {summary['eval_before']['eval_ppl']:.2f} | {summary['eval_after']['eval_ppl']:.2f} |",
+             *task_report_lines(summary.get("task_eval")),
              "", f"Trained {summary['steps']} steps in {summary['train_seconds']:.0f} s: "
              f"{summary['tokens_per_s']:.0f} tokens/s ({summary['supervised_per_s']:.0f} supervised tokens/s).", "",
              "## Samples (greedy)", ""]
@@ -202,6 +205,7 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
         gens_before = [generate(model, tokenizer, ids, cfg.eval.max_new_tokens) for _, ids in prompts]
         (run_dir / "before.json").write_text(json.dumps({"eval": eval_before, "samples": gens_before}))
         log(f"before: eval_loss {eval_before['eval_loss']:.4f} (ppl {eval_before['eval_ppl']:.2f})")
+    task_before = task_eval_phase(cfg, model, tokenizer, run_dir, "before", log, reuse=resume)
     log(f"time to first step: data {t_data - t0:.1f}s, model {t_model - t_data:.1f}s, "
         f"eval+samples {time.perf_counter() - t_model:.1f}s")
 
@@ -210,6 +214,7 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     result = train_loop(model, optimizer, train_set, cfg.train, pad_id, run_dir, metrics, state, run_eval, log)
     eval_after = run_eval(result.state.step)
     gens_after = [generate(model, tokenizer, ids, cfg.eval.max_new_tokens) for _, ids in prompts]
+    task_after = task_eval_phase(cfg, model, tokenizer, run_dir, "after", log)
     log(f"after:  eval_loss {eval_after['eval_loss']:.4f} (ppl {eval_after['eval_ppl']:.2f}) "
         f"[before {eval_before['eval_loss']:.4f}]")
     for (p, _), b, a in zip(prompts, gens_before, gens_after):
@@ -223,6 +228,8 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
                "tokens_per_s": result.tokens_per_s, "supervised_per_s": result.supervised_per_s,
                "final_train_loss": result.last_loss, "eval_before": eval_before, "eval_after": eval_after,
                "data": report.to_dict() if hasattr(report, "to_dict") else None}
+    if (task := task_eval_summary(cfg, task_before, task_after)) is not None:
+        summary["task_eval"] = task
     _write_report(run_dir, cfg, summary, samples)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"done: {run_dir}/report.md")
