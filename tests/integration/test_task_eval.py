@@ -77,3 +77,29 @@ def test_eval_cli_scores_a_run_dir_and_a_model(tmp_path, tiny_llama_dir):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "no reference here"}])
     proc = subprocess.run(cmd[:5] + [str(bad)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and f"{bad}:1: no reference to score against" in proc.stderr
+
+
+def test_loss_metric_is_the_reference_tokens_nll(tiny_llama_dir):
+    """`loss` per row = mean negative log-likelihood of the reply and its end-of-turn, given the prompt, computed
+    here independently from the model's logits."""
+    import torch
+
+    from effine.eval.generate import load_for_generation
+    from effine.eval.task import chat_prompt_ids, evaluate_task, task_row
+
+    loaded = load_for_generation(str(tiny_llama_dir), log=lambda _m: None)
+    model, tok = loaded.model, loaded.tokenizer
+    rows = [task_row(f"r:{i}", r) for i, r in enumerate(_qa_rows(3))]
+    result = evaluate_task(model, tok, rows, "loss")
+    expected = []
+    for r in rows:
+        prompt = chat_prompt_ids(tok, r.messages)
+        target = tok(r.references[0] + "<|im_end|>", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + target])).logits[0, len(prompt) - 1:-1].float()
+        expected.append((float(torch.nn.functional.cross_entropy(logits, torch.tensor(target))), len(target)))
+    assert [rec["tokens"] for rec in result.records] == [k for _, k in expected]
+    for rec, (nll, _) in zip(result.records, expected):
+        assert rec["score"] == pytest.approx(nll, rel=1e-4)
+    total = sum(nll * k for nll, k in expected) / sum(k for _, k in expected)
+    assert result.score == pytest.approx(total, rel=1e-4) and result.ci[0] <= result.score <= result.ci[1]

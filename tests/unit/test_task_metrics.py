@@ -77,3 +77,27 @@ def test_references_from_every_row_shape():
         task_row("f:8", {"input": "q", "ideal": []})
     with pytest.raises(DataError, match=r"f:9: input\[0\] must be"):
         task_row("f:9", {"input": [{"role": "bot", "content": "x"}], "ideal": "y"})
+
+
+def test_resumed_run_reads_its_before_score_back(tmp_path):
+    """A resumed run does not re-score the half-trained model as "before": it reads the rows file back."""
+    from effine.config import load_config
+    from effine.eval.task import TaskResult
+    from effine.eval.task_run import report_lines, task_eval_phase, task_eval_summary
+
+    cfg = load_config(None, ["eval.data=test.jsonl", "eval.metric=exact_match"])
+    records = [{"prompt": "q", "reference": "a", "prediction": "a" if i % 4 == 0 else "b", "score": float(i % 4 == 0)}
+               for i in range(20)]
+    score, ci = bootstrap_ci([r["score"] for r in records])
+    TaskResult("exact_match", score, ci, records).write_rows(tmp_path / "task_eval_before.jsonl")
+    logged = []
+    back = task_eval_phase(cfg, None, None, tmp_path, "before", logged.append, reuse=True)
+    assert (back.score, back.ci, back.records) == (score, ci, records) and "from task_eval_before.jsonl" in logged[0]
+    assert task_eval_phase(cfg, None, None, tmp_path, "after", logged.append, reuse=True) is None
+    entry = task_eval_summary(cfg, back, None)
+    assert entry == {"metric": "exact_match", "data": "test.jsonl", "n": 20, "before": {"score": 0.25, "ci": ci},
+                     "after": None, "rows_before": "task_eval_before.jsonl", "rows_after": None}
+    assert report_lines(entry)[0].startswith("| task exact_match on test.jsonl (n=20, 95% CI; higher is better) | 0.250")
+    unset = load_config(None, [])
+    assert task_eval_phase(unset, None, None, tmp_path, "before", logged.append) is None
+    assert task_eval_summary(unset, None, None) is None and report_lines(None) == []

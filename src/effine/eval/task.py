@@ -79,7 +79,7 @@ def _references(where: str, value: Any, key: str) -> list[str]:
 
 def task_row(where: str, data: dict[str, Any]) -> TaskRow:
     """Parse one row (see the module docstring); a row without a reference is a DataError naming ``where``."""
-    from effine.data.formats import detect_format, normalise
+    from effine.data.formats import RowDropped, detect_format, normalise
 
     if "ideal" in data:
         if "input" not in data:
@@ -95,7 +95,10 @@ def task_row(where: str, data: dict[str, Any]) -> TaskRow:
     if fmt in (None, "text"):
         raise DataError(f"{where}: no reference to score against (keys: {', '.join(map(str, data))}) — give "
                         "'answer', 'ideal', a last assistant turn, or prompt/completion")
-    sample = normalise(where, data, fmt)
+    try:
+        sample = normalise(where, data, fmt)
+    except RowDropped:  # e.g. no assistant turn: nothing to score against
+        raise DataError(f"{where}: no reference to score against: the conversation has no assistant turn") from None
     if sample.completion is not None:
         return TaskRow(where, [sample.completion], text=sample.prompt or "")
     msgs = sample.messages or []
