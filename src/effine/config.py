@@ -57,8 +57,8 @@ class ModelConfig:
 class DataConfig:
     path: str = _f("builtin:chitchat", "Training data: a .jsonl/.json/.csv/.parquet file, or builtin:NAME "
                    "(builtin:chitchat: 4k human conversations; builtin:chitchat-completion: the same as prompt/completion "
-                   "text; builtin:evals: chat tasks with ideal answers; builtin:evals-tomi / builtin:evals-tomi-test: one such task "
-                   "split by story for training and task eval).")
+                   "text; builtin:evals: chat tasks with ideal answers; builtin:evals-tomi / builtin:evals-tomi-test: "
+                   "one such task split by story for training and task eval).")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = _f(
         "auto", "Row format; auto detects it from the first row's keys.")
     eval_path: str | None = _f(None, "Held-out data file; when unset, `eval_fraction` of the rows are held out.")

@@ -97,7 +97,8 @@ def test_resumed_run_reads_its_before_score_back(tmp_path):
     entry = task_eval_summary(cfg, back, None)
     assert entry == {"metric": "exact_match", "data": "test.jsonl", "n": 20, "before": {"score": 0.25, "ci": ci},
                      "after": None, "rows_before": "task_eval_before.jsonl", "rows_after": None}
-    assert report_lines(entry)[0].startswith("| task exact_match on test.jsonl (n=20, 95% CI; higher is better) | 0.250")
+    line = report_lines(entry)[0]
+    assert line.startswith("| task exact_match on test.jsonl (n=20, 95% CI; higher is better) | 0.250")
     unset = load_config(None, [])
     assert task_eval_phase(unset, None, None, tmp_path, "before", logged.append) is None
     assert task_eval_summary(unset, None, None) is None and report_lines(None) == []
