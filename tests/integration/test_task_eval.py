@@ -59,9 +59,17 @@ def test_train_writes_task_eval_before_and_after(tmp_path, tiny_llama_dir):
         assert rows[0]["prompt"] == "Which word comes after apple?" and rows[0]["reference"] == "river"
         assert sum(r["score"] for r in rows) / 10 == pytest.approx(score)
     assert "| task contains on" in (run / "report.md").read_text()
+    # `effine eval RUN_DIR` (base + saved adapter, loaded afresh) scores the trained model as training did
+    from effine.eval.task_run import evaluate_target
+
+    result, path = evaluate_target(str(run), str(test), "contains", limit=10, max_new_tokens=4, log=lambda _m: None)
+    assert path == run / "eval-contains.jsonl" and path.is_file()
+    after = [json.loads(line) for line in (run / task["rows_after"]).read_text().splitlines()]
+    assert [r["prediction"] for r in result.records] == [r["prediction"] for r in after]
+    assert (result.score, result.ci) == (task["after"]["score"], task["after"]["ci"])
 
 
-def test_eval_cli_scores_a_run_dir_and_a_model(tmp_path, tiny_llama_dir):
+def test_eval_cli_on_a_model_dir(tmp_path, tiny_llama_dir):
     test = write_jsonl(tmp_path / "test.jsonl", [{"prompt": "Which word comes after apple?", "answer": "river"},
                                                  {"question": "2+2?", "answer": ["4", "four"]}])
     out = tmp_path / "rows.jsonl"
@@ -75,7 +83,7 @@ def test_eval_cli_scores_a_run_dir_and_a_model(tmp_path, tiny_llama_dir):
     assert res["ci"][0] <= res["score"] <= res["ci"][1]
     assert res["score"] == pytest.approx(sum(r["score"] for r in rows) / 2)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "no reference here"}])
-    proc = subprocess.run(cmd[:5] + [str(bad)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd[:6] + [str(bad)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and f"{bad}:1: no reference to score against" in proc.stderr
 
 
