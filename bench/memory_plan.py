@@ -57,8 +57,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="reuse the cases already in --json")
     args = ap.parse_args()
 
-    from effine.train.measure import measure_peak
-    from effine.train.memory import GiB, plan_memory
+    from effine.plan.measure import measure_peak
+    from effine.plan.memory import GiB, plan_memory
 
     rows = []
     done: dict[tuple, dict] = {}
@@ -114,7 +114,7 @@ def format_table(rows: list[dict], args) -> str:
     head = ("| model | method | B x T | ckpt | predicted GiB | measured GiB | error | peak phase (plan) | "
             "measured load / train GiB |" + (" live pred / meas GiB | live error |" if live else ""))
     sep = "|" + "---|" * (head.count("|") - 1)
-    lines = [f"# effine plan: predicted vs measured peak memory (CPU)", "",
+    lines = ["# effine plan: predicted vs measured peak memory (CPU)", "",
              f"{datetime.date.today()}, {platform.machine()}, torch {torch.__version__}, transformers "
              f"{transformers.__version__}, {args.steps} steps per case, bf16 base, LoRA r=16 on all linears (fp32 "
              "adapters), random fully-supervised token ids.", "",

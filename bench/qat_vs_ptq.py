@@ -99,7 +99,7 @@ def eval_rows(args, model_dir: Path):
 def row_losses(model, rows, pad_id) -> list[tuple[float, int]]:
     """(summed loss, supervised tokens) per held-out row, computed exactly as effine's eval does (loss_sum)."""
     from effine.data import collate
-    from effine.train.forward import loss_sum
+    from effine.ops.model_loss import loss_sum
 
     model.eval()
     out = []

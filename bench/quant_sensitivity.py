@@ -45,13 +45,13 @@ def main(argv=None) -> int:
     from effine.eval.evaluate import evaluate
     from effine.model.loader import cache_root, load_tokenizer, resolve_model_dir
     from effine.quant import QuantLinear
-    from effine.train.run import prepare_model
+    from effine.recipe import ModelRecipe, build_model
 
     cfg = load_config(args.config, ["quant.method=none", f"eval.max_batches={args.eval_batches}"])
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.cache_dir, cfg.model.revision)
     tok = load_tokenizer(model_dir)
     _, eval_set, _ = build_datasets(cfg.data, tok, cache_dir=cache_root(cfg.model.cache_dir), log=lambda *a: None)
-    model = prepare_model(cfg, model_dir, lambda *a: None)  # the training model: fused ops, LoRA wrappers (B = 0)
+    model = build_model(ModelRecipe.from_config(cfg), model_dir=model_dir)  # the training model: fused ops, LoRA wrappers (B = 0)
     model.eval()
     bs = cfg.eval.batch_size or cfg.train.batch_size
 

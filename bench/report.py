@@ -256,7 +256,7 @@ CAVEATS = [
     "same LoRA targets and trainable parameter count, same deterministic lora_A init (B = 0), same AdamW",
     "hyper-parameters, clip 1.0, constant lr. Numerical differences that remain in 'matched':",
     "(1) TRL runs under bf16 autocast (SFTConfig bf16=True), so PEFT's fp32 adapter matmuls run in bf16; effine",
-    "computes the adapter path in fp32 on a bf16 base; (2) TRL passes an attention_mask (SDPA with an explicit",
+    "keeps fp32 adapter weights and computes the adapter matmuls in bf16 too; (2) TRL passes an attention_mask (SDPA with an explicit",
     "mask), effine relies on right padding + causal attention (no mask); (3) the losses differ in kernels: TRL's",
     "fused LM head (also computing entropy and top-1 for its metrics) vs effine's chunked CE; (4) optimizer:",
     "TRL's default adamw_torch_fused vs effine's fused AdamW (the same kernel; effine's own parameter groups). 'shipped' keeps TRL's defaults:",

@@ -173,12 +173,12 @@ def run_worker(kind: str, data: Path, steps: int, threads: int, timeout: int, ex
         cmd += ["--mode", "matched" if parts[1] == "jemalloc" else parts[1]]
         if parts[1] == "jemalloc":
             sys.path.insert(0, str(BENCH_DIR.parent / "src"))
-            from effine.train import allocator
+            from effine.system import allocator
 
             lib = allocator.find_jemalloc()
             if lib is None:
                 return {"error": "no libjemalloc.so.2 found (effine fetches one into its cache: "
-                                 "python -c 'from effine.train import allocator; allocator.fetch()')"}
+                                 "python -c 'from effine.system import allocator; allocator.fetch()')"}
             env["LD_PRELOAD"] = f"{lib}:{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else str(lib)
             env["MALLOC_CONF"] = allocator.JEMALLOC_CONF
     quant = parts[-1] if len(parts) == (2 if parts[0] == "effine" else 3) else None

@@ -1,11 +1,11 @@
 """Benchmark worker: effine LoRA training on the fixed batches of a pre-tokenised workload file.
 
 Run by bench/run.py in its own process; prints one ``BENCH_RESULT {json}`` line. What it runs is effine's own
-path: ``effine.train.run.prepare_model`` (bf16 base via ``load_model``, effine's attention backend, fp32 LoRA via
-``inject_lora``), ``effine.train.optim.build_optimizer`` (AdamW), and per step exactly the body of
-``effine.train.loop.train_loop``: ``backward_window`` (effine's chunked loss on supervised positions only), global
-grad-norm clip, AdamW step, ``zero_grad(set_to_none=True)``. ``train_loop`` itself is not called because it draws
-its own batch order; here each step collates the next fixed batch with ``effine.data.collate``.
+path: the model from ``effine.recipe.build_model`` (bf16 base, effine's attention backend, fp32 LoRA, fused ops),
+``effine.train.optim.build_optimizer`` (AdamW), and per step ``effine.train.step.train_step``, the function the
+training loop calls (chunked loss on supervised positions only, global grad-norm clip, AdamW step, zero grads).
+``train_loop`` itself is not called because it draws its own batch order; here each step collates the next fixed
+batch with ``effine.data.collate``.
 
     python bench/worker_effine.py --data bench/cache/smollm2-chat-512-XXXX.json --steps 13 [--threads 2]
     python bench/worker_effine.py ... --profile 5   # torch.profiler table of step 5 (self CPU time) on stderr
@@ -41,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     t_spawn = args.t_spawn or T_START
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from effine.train import allocator
+    from effine.system import allocator
 
     allocator.ensure()  # as `effine train` does: re-executes under jemalloc when one is found (EFFINE_ALLOCATOR)
 
@@ -50,9 +50,9 @@ def main() -> None:
     from effine.adapters import count_parameters, lora_modules
     from effine.config import AdapterConfig, Config, DataConfig, ModelConfig, QuantConfig, TrainConfig
     from effine.data import Example, PackedRow, collate
-    from effine.train.loop import backward_window
-    from effine.train.optim import build_optimizer, set_lr
-    from effine.train.run import prepare_model
+    from effine.train.optim import build_optimizer
+    from effine.train.step import train_step
+    from effine.recipe import ModelRecipe, build_model
 
     torch.set_num_threads(args.threads)
     version = effine_version()
@@ -73,7 +73,7 @@ def main() -> None:
     pad_id = blob["pad_id"]
     t_data = time.time()
 
-    # -- model: effine's own prepare_model -----------------------------------------------------------------------
+    # -- model: effine's own build_model -----------------------------------------------------------------------
     torch.manual_seed(w["seed"])
     cfg = Config(model=ModelConfig(name=meta["model_dir"], dtype="bf16", attn=args.attn, gradient_checkpointing=False),
                  data=DataConfig(max_length=w["max_length"], packing=w["packing"]),
@@ -84,7 +84,7 @@ def main() -> None:
                                    warmup_steps=0, schedule="constant", max_grad_norm=w["max_grad_norm"],
                                    loss_impl=args.loss_impl, threads=args.threads))
     logs: list[str] = []
-    model = prepare_model(cfg, Path(meta["model_dir"]), logs.append)
+    model = build_model(ModelRecipe.from_config(cfg), model_dir=Path(meta["model_dir"]), log=logs.append)
     mods = lora_modules(model)
     with torch.no_grad():  # identical adapter init on both sides (B = 0 already)
         for name, m in mods.items():
@@ -134,15 +134,11 @@ def main() -> None:
         t0 = time.perf_counter()
         batch = collate(rows, pad_id)
         ta = time.perf_counter()
-        loss_sum, n_sup = backward_window(model, [batch], cfg.train.loss_impl)  # forward + backward
-        tb = time.perf_counter()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
-        tc = time.perf_counter()
-        set_lr(optimizer, cfg.train.lr)  # constant schedule, no warmup
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # effine's one training step (as the loop runs it); constant lr, no warmup
+        res = train_step(model, optimizer, [batch], cfg.train.lr, cfg.train.max_grad_norm, params, cfg.train.loss_impl)
+        loss_sum, n_sup, grad_norm = res.loss_sum, res.supervised, res.grad_norm
         t1 = time.perf_counter()
-        phases = {"collate": ta - t0, "fwd_bwd": tb - ta, "clip": tc - tb, "optim": t1 - tc}
+        phases = {"collate": ta - t0, **res.phases}
         if prof is not None:
             prof.__exit__(None, None, None)
             prof_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
@@ -178,7 +174,7 @@ def main() -> None:
         "loadavg": {"start": load0, "end": loadavg()},
         "model": shape, "trainable": n_trainable,
         "settings": {"allocator": allocator.describe(), "dtype": ("bf16 base" if args.quant == "none" else f"{args.quant} base (effine QuantLinear, "
-                               "bf16 compute)") + ", fp32 LoRA (compute: bf16 base matmuls, fp32 adapter matmuls)",
+                               "bf16 compute)") + ", fp32 LoRA weights (compute: bf16 base and adapter matmuls)",
                      "attention": f"{model.config._attn_implementation} (effine backend {args.attn})",
                      "optimizer": f"torch.optim.AdamW {'fused' if optimizer.defaults.get('fused') else 'foreach'}, lr {cfg.train.lr}, constant, wd {cfg.train.weight_decay}",
                      "grad_clip": cfg.train.max_grad_norm, "loss": f"effine {cfg.train.loss_impl} CE on supervised rows",

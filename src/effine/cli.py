@@ -7,6 +7,7 @@
     effine chat MODEL_OR_RUN_DIR [--system TEXT] [--max-new-tokens N]
     effine merge RUN_DIR [--out DIR] [--dtype bf16]
     effine ptq MODEL_DIR --out DIR [--bits 4] [--group-size 128]
+    effine push RUN_DIR --repo user/name [--what adapter|merged|gguf] [--private] [--revision BRANCH] [--dry-run]
     effine plan CONFIG [--set ...] [--gpu 80]
     effine config keys | effine config show CONFIG [--set ...]
 
@@ -36,8 +37,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = run_training(cfg, resume=args.resume)
     print(json.dumps({k: summary[k] for k in ("run_dir", "steps", "tokens_per_s")} |
-                     {"eval_loss_before": summary["eval_before"]["eval_loss"],
-                      "eval_loss_after": summary["eval_after"]["eval_loss"]}))
+                     {"eval_loss_before": (summary["eval_before"] or {}).get("eval_loss"),
+                      "eval_loss_after": (summary["eval_after"] or {}).get("eval_loss")}))
     return 0
 
 
@@ -121,9 +122,17 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from effine.export.push import push_run
+
+    push_run(args.run_dir, args.repo, args.what, private=args.private, revision=args.revision,
+             dry_run=args.dry_run, message=args.message)
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from effine.config import load_config
-    from effine.train.memory import plan_memory
+    from effine.plan.memory import plan_memory
 
     cfg = load_config(args.config, args.overrides)
     device = "cuda" if args.gpu else "cpu"
@@ -234,6 +243,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asymmetric", action="store_true", help="asymmetric (zero point) instead of symmetric")
     p.set_defaults(func=cmd_ptq)
 
+    p = sub.add_parser("push", help="upload a run's adapter, merged model or GGUF to the Hugging Face Hub with a "
+                       "model card", description="Upload RUN_DIR's adapter (default for LoRA runs), merged model "
+                       "(merged first when RUN_DIR/merged is missing) or GGUF file(s) plus a generated model card "
+                       "(README.md). Token: HF_TOKEN or `hf auth login`; never printed. Re-running uploads only "
+                       "files that are missing or changed on the Hub.")
+    p.add_argument("run_dir", help="run dir written by `effine train`")
+    p.add_argument("--repo", required=True, help="Hub repo id, user/name (created when missing)")
+    p.add_argument("--what", choices=["adapter", "merged", "gguf"],
+                   help="what to upload (default: adapter for LoRA runs, merged for full fine-tuning)")
+    p.add_argument("--private", action="store_true",
+                   help="create the repo as private (an existing repo keeps its visibility)")
+    p.add_argument("--revision", help="branch to push to (created when missing; default main)")
+    p.add_argument("--message", help="commit message (default: 'effine push: WHAT of RUN_NAME')")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every file with its size and the model card; upload nothing (needs no token; "
+                   "--what merged still merges locally when RUN_DIR/merged is missing)")
+    p.set_defaults(func=cmd_push)
+
     p = sub.add_parser("plan", help="predict peak training memory for a config, before loading anything",
                        description="Predict peak memory (weights by precision, adapters, gradients, optimizer "
                        "state, activations for the batch shape, loss) for CPU or a GPU size.")
@@ -256,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if argv is None and args.func is cmd_train:  # a real `effine train` process (not an in-process call)
-            from effine.train.allocator import ensure
+            from effine.system.allocator import ensure
 
-            ensure()  # may re-execute this process under jemalloc (see effine.train.allocator)
+            ensure()  # may re-execute this process under jemalloc (see effine.system.allocator)
         return args.func(args)
     except EffineError as e:
         print(f"effine: error: {e}", file=sys.stderr)

@@ -148,11 +148,39 @@ class EvalConfig:
     task_limit: int | None = _f(200, "Task eval on the first N rows of eval.data only (unset: all).", min=1)
 
 
+def check_repo_id(repo_id: str, where: str = "--repo") -> str:
+    """``namespace/name`` with the Hub's allowed characters; a ConfigError naming ``where`` otherwise."""
+    import re
+
+    if not isinstance(repo_id, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo_id) \
+            or ".." in repo_id or len(repo_id) > 96:
+        raise ConfigError(f"{where}: {repo_id!r} is not a Hub repo id; write it as user/name (e.g. "
+                          "alice/smollm2-chat): letters, digits, '-', '_', '.'.")
+    return repo_id
+
+
+@dataclass
+class PushConfig:
+    repo: str | None = _f(None, "Hub repo (user/name) to push to at the end of `effine train` (the same as "
+                          "`effine push RUN_DIR --repo ...`); unset: no push. A failed push keeps the run and logs "
+                          "the command to retry.")
+    what: Literal["adapter", "merged", "gguf"] | None = _f(
+        None, "What to push: adapter (PEFT), merged (merges first when needed) or gguf (needs RUN_DIR/gguf/*.gguf); "
+        "unset: adapter for LoRA runs, merged for full fine-tuning.")
+    private: bool = _f(False, "Create the repo as private (an existing repo keeps its visibility).")
+    revision: str | None = _f(None, "Branch to push to (created when missing); unset: main.")
+
+    def __post_init__(self) -> None:
+        if self.repo is not None:
+            check_repo_id(self.repo, "output.push.repo")
+
+
 @dataclass
 class OutputConfig:
     dir: str = _f("runs/{model}-{method}", "Run directory ({model} and {method} are filled in).")
     overwrite: bool = _f(False, "Allow writing into a run directory that already holds a finished run.")
     save_merged: bool = _f(False, "Also save the merged model (base + adapter) as a transformers model dir.")
+    push: PushConfig = field(default_factory=PushConfig)
 
 
 @dataclass

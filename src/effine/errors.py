@@ -24,3 +24,7 @@ class DataError(EffineError):
 
 class ModelError(EffineError):
     """A model cannot be resolved or loaded; the message says how to provide it locally."""
+
+
+class PushError(EffineError):
+    """Publishing to the Hugging Face Hub failed or cannot start; the message says what failed and how to retry."""

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from effine.config import load_config
-from effine.eval.generate import RUN_META_NAME, generate, load_for_generation, prompt_ids_for
+from effine.eval.generate import generate, load_for_generation, prompt_ids_for
+from effine.recipe import RECIPE_NAME as RUN_META_NAME
 from tests.conftest import chat_rows, write_jsonl
 
 TOL_FP32 = 1e-5  # relative to the largest reference logit: float reassociation only
@@ -102,8 +103,8 @@ def test_qlora_run_generates_on_the_quantized_base(runs, prompt_ids):
 
     logs: list[str] = []
     loaded = load_for_generation(run, "fp32", log=logs.append)
-    assert loaded.base_as_trained and loaded.recipe.method == "nf4"
-    assert loaded.recipe.source == str(run / "adapter" / RUN_META_NAME)
+    assert loaded.base_as_trained and loaded.recipe.quant.method == "nf4"
+    assert loaded.recipe_source == str(run / "adapter" / RUN_META_NAME)
     assert any(m.startswith("base quantized to nf4 (blocksize 64, double quant) as in training") for m in logs), logs
     assert len(_quantized_targets(loaded.model)) == 14  # 2 layers x 7 projections
     assert all(m.method == "nf4" for m in loaded.model.modules() if isinstance(m, QuantLinear))
@@ -184,7 +185,7 @@ def test_adapter_dir_alone_and_older_runs(runs, prompt_ids, tmp_path):
 
     copied = shutil.copytree(run / "adapter", tmp_path / "somewhere" / "my-adapter")
     loaded = load_for_generation(copied, "fp32", log=lambda _: None)
-    assert loaded.base_as_trained and loaded.recipe.source.endswith(RUN_META_NAME)
+    assert loaded.base_as_trained and loaded.recipe_source.endswith(RUN_META_NAME)
     assert (_logits(loaded.model, prompt_ids) - ref).abs().max().item() <= tol
 
     old = tmp_path / "old-run"
@@ -193,7 +194,7 @@ def test_adapter_dir_alone_and_older_runs(runs, prompt_ids, tmp_path):
     (old / "adapter" / RUN_META_NAME).unlink()
     for target in (old, old / "adapter"):
         loaded = load_for_generation(target, "fp32", log=lambda _: None)
-        assert loaded.base_as_trained and loaded.recipe.source == str(old / "config.yaml")
+        assert loaded.base_as_trained and loaded.recipe_source == str(old / "config.yaml")
         _quantized_targets(loaded.model)
         assert (_logits(loaded.model, prompt_ids) - ref).abs().max().item() <= tol
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from effine.adapters import inject_lora
-from effine.config import AdapterConfig, TrainConfig, load_config
+from effine.config import AdapterConfig, load_config
 from effine.data import Example, collate
 from effine.model.tiny import tiny_model
-from effine.train.loop import backward_window
+from effine.train.step import backward_window
 from tests.conftest import chat_rows, write_jsonl
 
 
@@ -104,6 +104,22 @@ def test_tiny_run_end_to_end(tmp_path, tiny_llama_dir):
 
     with pytest.raises(ConfigError, match="already holds a finished run"):
         run_training(cfg)
+
+
+def test_no_eval_set_is_said_not_reported_as_nan(tmp_path, tiny_llama_dir, capsys):
+    """data.eval_fraction: 0 and no eval_path: the run says there is no eval set; no 'nan' anywhere."""
+    from effine.train.run import run_training
+
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_rows(12))
+    cfg = _train_config(tmp_path, tiny_llama_dir, data, max_steps=2)
+    cfg.data.eval_fraction = 0.0
+    summary = run_training(cfg)
+    assert summary["eval_before"] is None and summary["eval_after"] is None
+    run = tmp_path / "run"
+    for name in ("train.log", "report.md", "summary.json", "metrics.jsonl"):
+        assert "nan" not in (run / name).read_text().lower(), name
+    assert "No eval set (data.eval_fraction is 0" in (run / "report.md").read_text()
+    assert "no eval set" in (run / "train.log").read_text()
 
 
 def test_resume_continues_exactly(tmp_path, tiny_llama_dir):

@@ -1,4 +1,4 @@
-"""effine.train.allocator: finding jemalloc, the switches, and the re-execution of a process under it."""
+"""effine.system.allocator: finding jemalloc, the switches, and the re-execution of a process under it."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from effine.errors import ConfigError
-from effine.train import allocator as A
+from effine.system import allocator as A
 
-PROBE = ("import sys; from effine.train.allocator import ensure, loaded; ensure(); "
+PROBE = ("import sys; from effine.system.allocator import ensure, loaded; ensure(); "
          "print('LOADED', loaded()); print('ARGV', sys.argv[1:])")
 
 
@@ -76,8 +76,8 @@ def test_fetch_without_apt_says_so(clean_env, monkeypatch, capsys):
     assert "no apt-get/dpkg here" in capsys.readouterr().out
 
 
-PURGE = ("import torch; from effine.train.allocator import ensure, loaded; ensure(); "
-         "from effine.train.measure import release_free_heap\n"
+PURGE = ("import torch; from effine.system.allocator import ensure, loaded; ensure(); "
+         "from effine.system.heap import release_free_heap\n"
          "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096\n"
          "xs = [torch.ones(256, 1024) for _ in range(200)]\n"
          "before = rss(); del xs; kept = rss(); ok = release_free_heap(); after = rss()\n"

@@ -1,4 +1,4 @@
-"""`effine plan` (effine.train.memory): component arithmetic against the real objects, and one real measurement."""
+"""`effine plan` (effine.plan.memory): component arithmetic against the real objects, and one real measurement."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from effine.errors import ConfigError
 from effine.model.tiny import random_large_config, tiny_config, tiny_model
 from effine.ops.attention import enable
 from effine.quant import QuantLinear, quantize_model
-from effine.train.forward import loss_sum
-from effine.train.memory import GiB, MemoryPlan, parse_gpu, plan_memory
+from effine.ops.model_loss import loss_sum
+from effine.plan.memory import GiB, MemoryPlan, parse_gpu, plan_memory
 
 
 def _cfg(B: int = 2, T: int = 64, **kw) -> Config:
@@ -105,7 +105,7 @@ def test_eager_attention_adds_a_quadratic_term():
 
 def _saved_bytes(model, batch) -> int:
     """Unique storage bytes autograd keeps for backward (parameters and buffers excluded)."""
-    from effine.train.measure import saved_for_backward_bytes
+    from effine.plan.measure import saved_for_backward_bytes
 
     return saved_for_backward_bytes(model, lambda: loss_sum(model, batch))
 
@@ -197,7 +197,7 @@ def test_format_lists_every_component():
 @pytest.mark.slow
 @pytest.mark.parametrize("allocator", ["system", "auto"])  # glibc; jemalloc where one is found (as effine train)
 def test_prediction_within_20_percent_of_measured_smollm2(allocator, monkeypatch):
-    from effine.train.measure import measure_peak
+    from effine.plan.measure import measure_peak
 
     monkeypatch.setenv("EFFINE_ALLOCATOR", allocator)
     cfg = _cfg(2, 256, model__name="smollm2-135m-instruct", model__dtype="bf16")
@@ -212,7 +212,7 @@ def test_release_free_heap_returns_freed_pages():
     gives their pages back: RSS falls by most of what was freed. Linux + glibc only (what effine's CPU target is)."""
     import platform
 
-    from effine.train.measure import release_free_heap
+    from effine.system.heap import release_free_heap
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("malloc_trim is glibc's")

@@ -354,7 +354,7 @@ def test_gradient_checkpointing_with_fused_modules():
 
 def _saved_bytes(model, ids) -> int:
     """Unique storage bytes autograd keeps in one forward (parameters and buffers excluded)."""
-    from effine.train.measure import saved_for_backward_bytes
+    from effine.plan.measure import saved_for_backward_bytes
 
     return saved_for_backward_bytes(model, lambda: model(ids))
 

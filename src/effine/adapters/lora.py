@@ -41,6 +41,7 @@ from torch import nn
 
 from effine.config import AdapterConfig
 from effine.errors import ConfigError
+from effine.module_tree import named_by, set_submodule
 from effine.quant.linear import QuantLinear
 from effine.quant.qat import FakeQuantLinear
 
@@ -332,11 +333,6 @@ def target_modules_for(model: nn.Module) -> list[str]:
     return _unique([_suffix(n) for n in default_targets(model)])
 
 
-def _matches(name: str, target: str) -> bool:
-    # PEFT's rule for a list of target_modules: the full name, or a suffix on a module boundary.
-    return name == target or name.endswith("." + target)
-
-
 def resolve_targets(model: nn.Module, target_modules: list[str] | None) -> list[str]:
     """Qualified names to adapt: explicit suffixes, or (None) every linear inside the decoder layers.
 
@@ -356,7 +352,7 @@ def resolve_targets(model: nn.Module, target_modules: list[str] | None) -> list[
     linear_suffixes = _unique([_suffix(n) for n, m, _ in walked if is_linear_like(m)])
     chosen: list[str] = []
     for t in target_modules:
-        hits = [(n, m) for n, m, _ in walked if _matches(n, t)]
+        hits = [(n, m) for n, m, _ in walked if named_by(n, t)]
         if not hits:
             close = difflib.get_close_matches(_suffix(t), linear_suffixes, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else "."
@@ -380,12 +376,6 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)  # also right for ModuleList children ("0", "1", ...)
-
-
 def wrap_modules(model: nn.Module, names: list[str], cfg: AdapterConfig,
                  dtype: torch.dtype | None = None) -> list[str]:
     """Swap each named linear for a LoRALinear around it (r, alpha, dropout, rslora from ``cfg``)."""
@@ -397,7 +387,7 @@ def wrap_modules(model: nn.Module, names: list[str], cfg: AdapterConfig,
             raise ValueError(f"{name} is a {type(base).__name__}, not a linear layer")
         lora = LoRALinear(base, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora, dtype=dtype)
         lora.train(base.training)  # a fresh module is in train mode; keep the model's mode (dropout!)
-        _set_submodule(model, name, lora)
+        set_submodule(model, name, lora)
     return list(names)
 
 
@@ -454,7 +444,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by a plain nn.Linear holding W + s·B A; returns the same (mutated) model."""
     for name, m in lora_modules(model).items():
-        _set_submodule(model, name, m.merged())
+        set_submodule(model, name, m.merged())
     return model
 
 

@@ -29,10 +29,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from effine.adapters.lora import (PEFT_PREFIX, _matches, _suffix, _unique, _walk, is_linear_like, lora_modules,
+from effine.adapters.lora import (PEFT_PREFIX, _suffix, _unique, _walk, is_linear_like, lora_modules,
                                   lora_state_dict, wrap_modules)
 from effine.config import AdapterConfig
 from effine.errors import ConfigError, ModelError
+from effine.module_tree import named_by
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -54,7 +55,7 @@ def _peft_target_modules(model: nn.Module, names: list[str], requested: list[str
     # PEFT matches against the plain model, where each LoRALinear is its base layer: _walk sees exactly those names.
     walked = [n for n, _, _ in _walk(model)]
     for candidate in (_unique([_suffix(n) for n in names]), requested):
-        if candidate and {n for n in walked if any(_matches(n, t) for t in candidate)} == set(names):
+        if candidate and {n for n in walked if any(named_by(n, t) for t in candidate)} == set(names):
             return list(candidate)
     return "(?:" + "|".join(re.escape(n) for n in names) + ")"
 
@@ -174,7 +175,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *, allow_pickle: boo
     targets = config.get("target_modules")
     if isinstance(targets, (list, str)) and targets != "all-linear":
         hit = ((lambda n: re.fullmatch(targets, n) is not None) if isinstance(targets, str)
-               else (lambda n: any(_matches(n, t) for t in targets)))
+               else (lambda n: any(named_by(n, t) for t in targets)))
         expected = [n for n, m in walked.items() if is_linear_like(m) and hit(n)]
         missing = [n for n in expected if n not in set(names)]
         extra = [n for n in names if not hit(n)]

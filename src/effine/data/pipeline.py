@@ -49,7 +49,9 @@ Log = Callable[[str], Any]
 
 def default_cache_dir() -> Path:
     """``$EFFINE_CACHE``, else ``~/.cache/effine``."""
-    return Path(os.environ.get("EFFINE_CACHE") or Path.home() / ".cache" / "effine")
+    from effine.system.paths import cache_root
+
+    return cache_root()
 
 
 # -- report ------------------------------------------------------------------------------------------------------

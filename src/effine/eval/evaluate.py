@@ -7,7 +7,7 @@ import math
 import torch
 
 from effine.data import collate
-from effine.train.forward import loss_sum
+from effine.ops.model_loss import loss_sum
 
 
 @torch.no_grad()

@@ -53,6 +53,9 @@ import torch
 from torch import nn
 
 from effine.errors import ConfigError, ModelError
+from effine.dtypes import DTYPES as _DTYPE_NAMES
+from effine.dtypes import dtype_name as _dtype_name
+from effine.module_tree import set_submodule
 
 __all__ = ["MergeReport", "merge_run", "DEFAULT_PROMPTS", "REPORT_NAME"]
 
@@ -65,7 +68,6 @@ DEFAULT_PROMPTS = [
     "hey! how was your weekend?",
 ]
 
-_DTYPE_NAMES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 @dataclass
@@ -106,7 +108,7 @@ class MergeReport:
 
 
 def _prompt_ids(tokenizer, prompts: list[str], chat: bool, system_prompt: str | None) -> list[list[int]]:
-    from effine.eval.generate import prompt_ids_for
+    from effine.data.prompts import prompt_ids_for
 
     out = [prompt_ids_for(tokenizer, p, chat, system_prompt) for p in prompts]
     if any(len(ids) == 0 for ids in out):
@@ -142,11 +144,6 @@ def _compare(ref: list[torch.Tensor], other: list[torch.Tensor]) -> dict[str, fl
 
 # ---------------------------------------------------------------------------------------------------------------
 # Rebuilding the trained model and merging it
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
@@ -195,13 +192,13 @@ def _merge_into_dense(model: nn.Module, dtype: torch.dtype, bake_qat: bool) -> t
     for name, m in lora_modules(model).items():
         w = _lora_weight(name, m, bake_qat)
         bias = getattr(m.base, "bias", None)
-        _set_submodule(model, name, _dense_linear(w, bias if isinstance(bias, torch.Tensor) else None, dtype))
+        set_submodule(model, name, _dense_linear(w, bias if isinstance(bias, torch.Tensor) else None, dtype))
         merged += 1
     dequantized = 0
     for name, mod in list(model.named_modules()):
         if isinstance(mod, (QuantLinear, FakeQuantLinear)):
             w = _trained_weight(mod, bake_qat)
-            _set_submodule(model, name, _dense_linear(w.float(), mod.bias, dtype))
+            set_submodule(model, name, _dense_linear(w.float(), mod.bias, dtype))
             dequantized += isinstance(mod, QuantLinear)
     return merged, dequantized
 
@@ -238,15 +235,6 @@ def _fp32_logits(model: nn.Module, ids: list[list[int]], train_dtype: torch.dtyp
             m.compute_dtype = train_dtype
 
 
-def _attach_adapter(model: nn.Module, adapter_dir: Path) -> None:
-    """load_adapter with fp32 adapters (as training made them), without touching the caller's RNG state
-    (new LoRA layers draw an initialisation that the loaded tensors then overwrite)."""
-    from effine.adapters import load_adapter
-
-    with torch.random.fork_rng(devices=[]):
-        load_adapter(model, adapter_dir, dtype=torch.float32)
-
-
 def _quant_info(cfg) -> dict[str, Any]:
     q = cfg.quant
     if q.method == "none":
@@ -257,24 +245,15 @@ def _quant_info(cfg) -> dict[str, Any]:
     return {"method": q.method, "group_size": q.group_size, "symmetric": True, **skip}
 
 
-def _load_base(cfg, model_dir: Path, quantize: bool, qat: bool) -> nn.Module:
-    """The base exactly as :func:`effine.train.run.prepare_model` built it (without the adapter)."""
-    from effine.model.loader import load_model
+def _load_base(cfg, model_dir: Path, quantize: bool, adapter_dir: Path | None = None) -> nn.Module:
+    """The model as training built it (:func:`effine.recipe.build_model` from the run's recipe), with the saved
+    adapter when ``adapter_dir`` is given; ``quantize=False`` leaves the base unquantized (QAT still applies)."""
+    from effine.recipe import ModelRecipe, build_model
 
-    model = load_model(model_dir, cfg.model.dtype, attn="sdpa", trust_remote_code=cfg.model.trust_remote_code)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if quantize and cfg.quant.method != "none":
-        from effine.quant import quantize_model
-
-        quantize_model(model, cfg.quant.method, group_size=cfg.quant.group_size, blocksize=cfg.quant.blocksize,
-                       double_quant=cfg.quant.double_quant, skip_modules=cfg.quant.skip_modules)
-    if qat and cfg.quant.qat_bits:
-        from effine.quant import apply_qat
-
-        apply_qat(model, bits=cfg.quant.qat_bits, group_size=cfg.quant.group_size)
-    return model
+    recipe = ModelRecipe.from_config(cfg)
+    if not quantize:
+        recipe = recipe.replace(quant={"method": "none", "skip_modules": ()})
+    return build_model(recipe, train=False, model_dir=model_dir, adapter_dir=adapter_dir)
 
 
 def _resolve_base(cfg, adapter_dir: Path | None) -> Path:
@@ -300,10 +279,6 @@ def _load_tokenizer(run_dir: Path, adapter_dir: Path | None, model_dir: Path):
         if d is not None and (d / "tokenizer_config.json").is_file():
             return load_tokenizer(d)
     return load_tokenizer(model_dir)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in _DTYPE_NAMES.items()}.get(dtype, str(dtype))
 
 
 def merge_run(
@@ -364,13 +339,12 @@ def merge_run(
     notes: list[str] = []
 
     # 1. The trained model: the base rebuilt as in training, plus the adapter (fp32, as training made it).
-    model = _load_base(cfg, base_dir, quantize=not full_run, qat=True)
-    train_dtype = next(model.parameters()).dtype
+    model = _load_base(cfg, base_dir, quantize=not full_run, adapter_dir=None if full_run else adapter_dir)
+    train_dtype = _DTYPE_NAMES[cfg.model.dtype]
     adapter_info = None
     if not full_run:
         from effine.adapters import lora_modules
 
-        _attach_adapter(model, adapter_dir)
         mods = lora_modules(model)
         any_mod = next(iter(mods.values()))
         adapter_info = {"r": any_mod.r, "alpha": any_mod.alpha, "scale": any_mod.scale, "rslora": any_mod.rslora,
@@ -442,8 +416,7 @@ def merge_run(
     # 4. What a naive merge (adapter on the original, unquantized base) would have changed.
     original = None
     if compare_original_base and quantized:
-        naive = _load_base(cfg, base_dir, quantize=False, qat=True)
-        _attach_adapter(naive, adapter_dir)
+        naive = _load_base(cfg, base_dir, quantize=False, adapter_dir=adapter_dir)
         original = _compare(ref_logits, _logits(naive, ids))
         original["what"] = ("adapter on the original unquantized base vs the reference: the error a merge into "
                             "the original weights would make")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -23,16 +22,12 @@ from typing import Any
 
 import torch
 
+from effine.system.paths import cache_root  # noqa: F401  (re-exported: callers import it from here)
+
 from effine.errors import ModelError
 from effine.model.registry import PACKAGED_MODELS, packaged_gguf_path
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def cache_root(cache_dir: str | None = None) -> Path:
-    root = Path(cache_dir or os.environ.get("EFFINE_CACHE") or Path.home() / ".cache" / "effine")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+from effine.dtypes import DTYPES  # noqa: E402,F401  (re-exported: callers import it from here)
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -171,7 +166,7 @@ def load_model(model_dir: Path, dtype: str = "bf16", attn: str = "sdpa", trust_r
     from transformers import AutoModelForCausalLM
 
     if (model_dir / "effine_ptq.safetensors").is_file():  # an `effine ptq` export (int4/int8 group-wise)
-        from effine.export.ptq import load_ptq_model
+        from effine.model.ptq_load import load_ptq_model
 
         return load_ptq_model(model_dir, dtype, attn=attn).to(device)
     has_st = any(model_dir.glob("*.safetensors"))

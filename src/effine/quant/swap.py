@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from effine.errors import ConfigError
+from effine.module_tree import named_by, swap_modules
 from effine.quant import affine
 from effine.quant.linear import QuantLinear
 from effine.quant.qat import FakeQuantLinear
@@ -42,28 +43,6 @@ def default_filter(name: str, module: object = None) -> bool:
     return True
 
 
-def _swap(model: nn.Module, want: Callable[[str, nn.Module], bool], make: Callable[[nn.Module], nn.Module]) -> int:
-    """Replace every child ``c`` with ``want(name, c)`` by ``make(c)``; returns the number of distinct modules."""
-    made: dict[int, nn.Module] = {}  # id(old module) -> its replacement, for modules reachable twice
-    for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(parent, nn.MultiheadAttention):
-            continue
-        for child_name, child in list(parent.named_children()):
-            if id(child) in made:
-                setattr(parent, child_name, made[id(child)])
-                continue
-            qual = f"{parent_name}.{child_name}" if parent_name else child_name
-            if want(qual, child):
-                made[id(child)] = make(child)
-                setattr(parent, child_name, made[id(child)])
-    return len(made)
-
-
-def _named_by(name: str, entry: str) -> bool:
-    # The rule adapter.target_modules uses (PEFT's): the qualified name, or a suffix on a module boundary.
-    return name == entry or name.endswith("." + entry)
-
-
 def skip_filter(model: nn.Module, skip_modules: Optional[list[str]], base: Optional[FilterFn] = None) -> FilterFn:
     """``base`` (default :func:`default_filter`) minus the linears named by ``skip_modules``.
 
@@ -75,12 +54,12 @@ def skip_filter(model: nn.Module, skip_modules: Optional[list[str]], base: Optio
         return base
     accepted = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and base(n, m)]
     for entry in skip_modules:
-        if not any(_named_by(n, entry) for n in accepted):
+        if not any(named_by(n, entry) for n in accepted):
             suffixes = sorted({n.rsplit(".", 1)[-1] for n in accepted})
             raise ConfigError(f"quant.skip_modules: '{entry}' names no quantizable linear layer of this "
                               f"{type(model).__name__}; the quantizable layers end in: {', '.join(suffixes)}.")
     skip = list(skip_modules)
-    return lambda n, m: base(n, m) and not any(_named_by(n, e) for e in skip)
+    return lambda n, m: base(n, m) and not any(named_by(n, e) for e in skip)
 
 
 def check_quant_settings(quant, adapter_method: str) -> None:
@@ -118,7 +97,7 @@ def quantize_model(model: nn.Module, method: str = "nf4", filter_fn: Optional[Fi
         lin.register_parameter("bias", None)
         return q
 
-    return _swap(model, lambda n, m: isinstance(m, nn.Linear) and filter_fn(n, m), make)
+    return swap_modules(model, lambda n, m: isinstance(m, nn.Linear) and filter_fn(n, m), make)
 
 
 def apply_qat(
@@ -134,7 +113,7 @@ def apply_qat(
     tensors, and :func:`unwrap_qat` restores plain layers holding them.
     """
     filter_fn = filter_fn or default_filter
-    return _swap(
+    return swap_modules(
         model,
         lambda n, m: isinstance(m, nn.Linear) and filter_fn(n, m),
         lambda lin: FakeQuantLinear(lin, bits=bits, group_size=group_size, symmetric=symmetric),
@@ -147,7 +126,7 @@ def unwrap_qat(model: nn.Module, bake: bool = False) -> int:
     ``bake=True`` first writes the fake-quantized values into the weights (see :meth:`FakeQuantLinear.to_linear`).
     Returns how many layers were unwrapped.
     """
-    return _swap(model, lambda n, m: isinstance(m, FakeQuantLinear), lambda m: m.to_linear(bake=bake))
+    return swap_modules(model, lambda n, m: isinstance(m, FakeQuantLinear), lambda m: m.to_linear(bake=bake))
 
 
 # ---------------------------------------------------------------------------------------------------- PTQ format

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 from effine.config import TrainConfig
 from effine.data import batch_order, collate
 from effine.train.checkpoint import LoopState, save_checkpoint
-from effine.train.forward import count_supervised, loss_sum
 from effine.train.metrics import MetricsLog
-from effine.train.optim import lr_at, set_lr
+from effine.train.optim import lr_at
+from effine.train.step import train_step
 
 
 @dataclass
@@ -60,22 +60,6 @@ def micro_batches(examples: list, cfg: TrainConfig, pad_id: int, epoch: int, ind
         epoch, index = epoch + 1, 0
 
 
-def backward_window(model: torch.nn.Module, batches: list[dict], impl: str = "chunked") -> tuple[float, int]:
-    """Accumulate the gradient of the window's mean loss per supervised token; return (loss sum, tokens).
-
-    Each micro-batch's summed loss is divided by the supervised tokens of the WHOLE window, not its own: a
-    micro-batch with few labels must weigh less, exactly as its tokens would inside one big batch. So the
-    gradient is identical however the window is split into micro-batches.
-    """
-    n_sup = sum(count_supervised(b["labels"]) for b in batches)
-    total = 0.0
-    for batch in batches:
-        loss, _ = loss_sum(model, batch, impl=impl)
-        (loss / max(n_sup, 1)).backward()
-        total += float(loss.detach())
-    return total, n_sup
-
-
 class _Interrupted(Exception):
     pass
 
@@ -101,17 +85,13 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
     try:
         while state.step < total:
             window = [next(batches) for _ in range(cfg.grad_accum)]
-            step_loss, n_sup = backward_window(model, [b for _, _, b in window], cfg.loss_impl)
-            grad_norm = float("nan")
-            if cfg.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
             lr = lr_at(state.step, cfg, total)
-            set_lr(optimizer, lr)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            res = train_step(model, optimizer, [b for _, _, b in window], lr, cfg.max_grad_norm, trainable,
+                             cfg.loss_impl)
+            step_loss, n_sup, grad_norm = res.loss_sum, res.supervised, res.grad_norm
 
             last_epoch, last_index, _ = window[-1]
-            n_tok = sum(int((b["attention_mask"]).sum()) for _, _, b in window)
+            n_tok = res.tokens
             state.step += 1
             state.epoch, state.batch_index = last_epoch, last_index
             state.tokens_seen += n_tok

@@ -28,10 +28,11 @@ import torch
 from effine.config import Config, save_config
 from effine.errors import ConfigError
 from effine.eval.evaluate import evaluate
-from effine.eval.generate import generate, prompt_from_example, prompt_ids_for, write_run_meta
+from effine.eval.generate import generate, prompt_from_example, prompt_ids_for
 from effine.eval.task_run import report_lines as task_report_lines
 from effine.eval.task_run import task_eval_phase, task_eval_summary
-from effine.model.loader import cache_root, load_model, load_tokenizer, resolve_device, resolve_model_dir
+from effine.model.loader import cache_root, load_tokenizer, resolve_model_dir
+from effine.recipe import ModelRecipe, build_model, write_recipe
 from effine.train.checkpoint import LoopState, latest_checkpoint, load_checkpoint
 from effine.train.metrics import MetricsLog, plot_losses
 from effine.train.optim import build_optimizer
@@ -56,61 +57,6 @@ def resolve_run_dir(cfg: Config) -> Path:
                                       else f"q{cfg.quant.method}-{cfg.adapter.method}"))
 
 
-def prepare_model(cfg: Config, model_dir: Path, log) -> torch.nn.Module:
-    """Load the base, quantize frozen weights if asked, and make only the trained parameters require grad."""
-    from effine.ops.attention import enable as enable_attention
-    from effine.ops.attention import select_backend
-
-    from effine.quant import check_quant_settings
-
-    check_quant_settings(cfg.quant, cfg.adapter.method)
-    device = resolve_device(cfg.model.device)
-    model = load_model(model_dir, cfg.model.dtype, attn="sdpa", trust_remote_code=cfg.model.trust_remote_code,
-                       device=device)
-    enable_attention(model, None if cfg.model.attn == "auto" else cfg.model.attn)
-    log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    log(f"attention: effine backend '{select_backend(device, dtype=model.dtype)}' "
-        f"(model.attn={cfg.model.attn}; packed rows keep attention within each document)")
-    if cfg.quant.method != "none":
-        from effine.quant import quantize_model
-
-        n = quantize_model(model, cfg.quant.method, group_size=cfg.quant.group_size, blocksize=cfg.quant.blocksize,
-                           double_quant=cfg.quant.double_quant, skip_modules=cfg.quant.skip_modules)
-        kept = f" (kept in {cfg.model.dtype}: {', '.join(cfg.quant.skip_modules)})" if cfg.quant.skip_modules else ""
-        log(f"quantized {n} linear layers to {cfg.quant.method}{kept}")
-        from effine.train.measure import release_free_heap
-
-        release_free_heap()  # the freed bf16 weights' pages go back to the OS, not just to the heap
-    if cfg.quant.qat_bits:
-        from effine.quant import apply_qat
-
-        n = apply_qat(model, bits=cfg.quant.qat_bits, group_size=cfg.quant.group_size)
-        log(f"QAT: fake-quantizing {n} linear layers to {cfg.quant.qat_bits} bits")
-    if cfg.adapter.method == "lora":
-        from effine.adapters import count_parameters, inject_lora
-
-        # Adapters train in fp32 even on a bf16 base: AdamW updates of bf16 weights lose most small steps.
-        names = inject_lora(model, cfg.adapter, dtype=torch.float32)
-        trainable, total = count_parameters(model)
-        log(f"LoRA r={cfg.adapter.r} alpha={cfg.adapter.alpha} on {len(names)} modules: "
-            f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        log(f"full fine-tuning: {sum(p.numel() for p in model.parameters()):,} parameters")
-    if cfg.model.fused_ops:
-        from effine.ops.swap import fuse_model
-
-        counts = fuse_model(model, recompute_norms=cfg.model.recompute_norm_outputs)
-        log(f"fused ops: {counts['rms_norm']} RMSNorm, {counts['gated_mlp']} gated MLP modules"
-            + (f" ({counts['unsupported_act']} MLPs with an unsupported activation left as they are)"
-               if counts["unsupported_act"] else ""))
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    return model
-
-
 def sample_prompts(cfg: Config, tokenizer, eval_set: list) -> list[tuple[str, list[int]]]:
     # Prompts go through the same template as the training data (raw text for completion/text data).
     chat = cfg.data.format not in ("prompt_completion", "text")
@@ -121,13 +67,26 @@ def sample_prompts(cfg: Config, tokenizer, eval_set: list) -> list[tuple[str, li
     return prompts
 
 
+NO_EVAL_SET = ("No eval set (data.eval_fraction is 0 and data.eval_path is unset): eval loss was not measured. "
+               "Hold out rows with data.eval_fraction or give data.eval_path.")
+
+
+def _eval_line(res: dict | None) -> str:
+    return "no eval set" if res is None else f"eval_loss {res['eval_loss']:.4f} (ppl {res['eval_ppl']:.2f})"
+
+
 def _write_report(run_dir: Path, cfg: Config, summary: dict, samples: list[dict]) -> None:
-    lines = [f"# effine run: {cfg.model.name} ({cfg.adapter.method})", "",
-             "| | before | after |", "|---|---|---|",
-             f"| eval loss | {summary['eval_before']['eval_loss']:.4f} | {summary['eval_after']['eval_loss']:.4f} |",
-             f"| eval perplexity | {summary['eval_before']['eval_ppl']:.2f} | {summary['eval_after']['eval_ppl']:.2f} |",
-             *task_report_lines(summary.get("task_eval")),
-             "", f"Trained {summary['steps']} steps in {summary['train_seconds']:.0f} s: "
+    before, after = summary["eval_before"], summary["eval_after"]
+    lines = [f"# effine run: {cfg.model.name} ({cfg.adapter.method})", ""]
+    if before is None or after is None:
+        lines += [NO_EVAL_SET]
+    else:
+        lines += ["| | before | after |", "|---|---|---|",
+                  f"| eval loss | {before['eval_loss']:.4f} | {after['eval_loss']:.4f} |",
+                  f"| eval perplexity | {before['eval_ppl']:.2f} | {after['eval_ppl']:.2f} |"]
+    if task_rows := task_report_lines(summary.get("task_eval")):  # task score before/after (eval.data)
+        lines += (["", "| | before | after |", "|---|---|---|"] if before is None or after is None else []) + task_rows
+    lines += ["", f"Trained {summary['steps']} steps in {summary['train_seconds']:.0f} s: "
              f"{summary['tokens_per_s']:.0f} tokens/s ({summary['supervised_per_s']:.0f} supervised tokens/s).", "",
              "## Samples (greedy)", ""]
     for s in samples:
@@ -152,7 +111,7 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     torch.manual_seed(cfg.train.seed)
     log(f"effine: run dir {run_dir} | torch {torch.__version__} | {platform.machine()} | "
         f"{torch.get_num_threads()} threads")
-    from effine.train.allocator import describe as allocator_line
+    from effine.system.allocator import describe as allocator_line
 
     log(allocator_line())
 
@@ -177,12 +136,16 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     if not train_set:
         raise ConfigError(f"data.path: no usable training rows in {cfg.data.path} (see {run_dir}/data_report.txt).")
     t_data = time.perf_counter()
-    model = prepare_model(cfg, model_dir, log)
+    recipe = ModelRecipe.from_config(cfg)
+    write_recipe(run_dir, recipe, model_dir)
+    model = build_model(recipe, model_dir=model_dir, log=log)
     t_model = time.perf_counter()
     pad_id = tokenizer.pad_token_id
     eval_bs = cfg.eval.batch_size or cfg.train.batch_size
 
-    def run_eval(step: int) -> dict:
+    def run_eval(step: int) -> dict | None:
+        if not eval_set:  # data.eval_fraction: 0 and no eval_path: nothing to measure (never a loss of nan)
+            return None
         res = evaluate(model, eval_set, eval_bs, pad_id, cfg.eval.max_batches, impl=cfg.train.loss_impl)
         metrics.write("eval", step=step, **res)
         return res
@@ -197,26 +160,27 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
         state = load_checkpoint(ckpt, model, optimizer)
         log(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, micro-batch {state.batch_index})")
         before = json.loads((run_dir / "before.json").read_text()) if (run_dir / "before.json").exists() else {}
-        eval_before = before.get("eval", {"eval_loss": float("nan"), "eval_ppl": float("nan")})
+        eval_before = before.get("eval")
         gens_before = before.get("samples", [""] * len(prompts))
     else:
         log("evaluating the base model ...")
         eval_before = run_eval(0)
         gens_before = [generate(model, tokenizer, ids, cfg.eval.max_new_tokens) for _, ids in prompts]
         (run_dir / "before.json").write_text(json.dumps({"eval": eval_before, "samples": gens_before}))
-        log(f"before: eval_loss {eval_before['eval_loss']:.4f} (ppl {eval_before['eval_ppl']:.2f})")
+        log(f"before: {_eval_line(eval_before)}" + ("" if eval_set else f" — {NO_EVAL_SET}"))
     task_before = task_eval_phase(cfg, model, tokenizer, run_dir, "before", log, reuse=resume)
     log(f"time to first step: data {t_data - t0:.1f}s, model {t_model - t_data:.1f}s, "
         f"eval+samples {time.perf_counter() - t_model:.1f}s")
 
     from effine.train.loop import train_loop
 
-    result = train_loop(model, optimizer, train_set, cfg.train, pad_id, run_dir, metrics, state, run_eval, log)
+    result = train_loop(model, optimizer, train_set, cfg.train, pad_id, run_dir, metrics, state,
+                        run_eval if eval_set else None, log)
     eval_after = run_eval(result.state.step)
     gens_after = [generate(model, tokenizer, ids, cfg.eval.max_new_tokens) for _, ids in prompts]
     task_after = task_eval_phase(cfg, model, tokenizer, run_dir, "after", log)
-    log(f"after:  eval_loss {eval_after['eval_loss']:.4f} (ppl {eval_after['eval_ppl']:.2f}) "
-        f"[before {eval_before['eval_loss']:.4f}]")
+    log(f"after:  {_eval_line(eval_after)}"
+        + (f" [before {eval_before['eval_loss']:.4f}]" if eval_before and eval_after else ""))
     for (p, _), b, a in zip(prompts, gens_before, gens_after):
         samples.append({"prompt": p, "before": b, "after": a})
         log(f"\n--- prompt: ...{p[-160:]!r}\n    before: {b!r}\n    after:  {a!r}")
@@ -233,6 +197,10 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     _write_report(run_dir, cfg, summary, samples)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"done: {run_dir}/report.md")
+    if cfg.output.push.repo:  # last, after the run is complete: a failed push is logged with its retry command
+        from effine.export.push import push_after_training
+
+        push_after_training(cfg, run_dir, log)
     return summary
 
 
@@ -243,7 +211,7 @@ def save_outputs(cfg: Config, model, tokenizer, model_dir: Path, run_dir: Path, 
         save_adapter(model, run_dir / "adapter", cfg.adapter, base_model_name_or_path=str(model_dir))
         tokenizer.save_pretrained(run_dir / "adapter")
         # How the base was built (quantized?), next to adapter_config.json: generation rebuilds the same base.
-        write_run_meta(run_dir / "adapter", cfg, model_dir)
+        write_recipe(run_dir / "adapter", ModelRecipe.from_config(cfg), model_dir)
         log(f"adapter saved: {run_dir / 'adapter'} (PEFT format)")
         if cfg.output.save_merged:
             merged = merge_lora(model)
@@ -254,4 +222,5 @@ def save_outputs(cfg: Config, model, tokenizer, model_dir: Path, run_dir: Path, 
         shutil.rmtree(run_dir / "model", ignore_errors=True)
         model.save_pretrained(run_dir / "model", safe_serialization=True)
         tokenizer.save_pretrained(run_dir / "model")
+        write_recipe(run_dir / "model", ModelRecipe.from_config(cfg), model_dir)
         log(f"model saved: {run_dir / 'model'}")

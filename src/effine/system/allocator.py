@@ -13,7 +13,7 @@ training; jemalloc's default purges them after 10 s and then pays page faults to
 How: ``effine train`` calls :func:`ensure` before anything else; when jemalloc is not loaded yet and a
 ``libjemalloc.so.2`` is found, the process re-executes itself with the library in ``LD_PRELOAD`` (an allocator
 cannot be swapped once the process has allocated). Where it looks: ``$EFFINE_JEMALLOC``, the effine cache
-(``$EFFINE_CACHE/lib``, where ``make setup`` / ``python -m effine.train.allocator --fetch`` unpacks Debian's
+(``$EFFINE_CACHE/lib``, where ``make setup`` / ``python -m effine.system.allocator --fetch`` unpacks Debian's
 ``libjemalloc2`` without root), then the system library directories.
 
 Switches: ``EFFINE_ALLOCATOR=system`` keeps glibc; ``EFFINE_ALLOCATOR=jemalloc`` makes a missing jemalloc an error;
@@ -43,8 +43,9 @@ def _mode() -> str:
 
 
 def _cache_lib_dir() -> Path:
-    # effine.model.loader.cache_root without importing torch (this runs before the re-exec).
-    return Path(os.environ.get("EFFINE_CACHE") or Path.home() / ".cache" / "effine") / "lib"
+    from effine.system.paths import cache_root  # no torch import: this runs before the re-exec
+
+    return cache_root() / "lib"
 
 
 def loaded() -> str | None:
@@ -87,7 +88,7 @@ def ensure() -> None:
     if lib is None:
         if mode == "jemalloc":
             raise ConfigError(f"{MODE_VAR}=jemalloc but no {LIB_NAME} was found (looked in ${LIB_VAR}, "
-                              f"{_cache_lib_dir()}, {', '.join(SYSTEM_DIRS)}): run `python -m effine.train.allocator "
+                              f"{_cache_lib_dir()}, {', '.join(SYSTEM_DIRS)}): run `python -m effine.system.allocator "
                               "--fetch`, install your system's jemalloc package, or set EFFINE_ALLOCATOR=auto.")
         return
     env = dict(os.environ)
@@ -117,7 +118,7 @@ def describe() -> str:
         return f"allocator: jemalloc ({lib}, MALLOC_CONF={os.environ.get('MALLOC_CONF', '')})"
     if _mode() == "system":
         return f"allocator: glibc malloc ({MODE_VAR}=system)"
-    return ("allocator: glibc malloc (no jemalloc found; `python -m effine.train.allocator --fetch` gets one: "
+    return ("allocator: glibc malloc (no jemalloc found; `python -m effine.system.allocator --fetch` gets one: "
             "~10-18% lower peak memory and a few % faster on CPU)")
 
 

@@ -1,7 +1,7 @@
 """Measuring memory for real: peak RSS of a training run in a subprocess, the saved-for-backward bytes of a forward,
 and the two process-level helpers (giving freed heap pages back, resetting the peak-RSS mark).
 
-:func:`measure_peak` is what the planner's formula (:mod:`effine.train.memory`) is validated against
+:func:`measure_peak` is what the planner's formula (:mod:`effine.plan.memory`) is validated against
 (``bench/memory_plan.py``, ``tests/unit/test_memory_plan.py``).
 """
 
@@ -17,59 +17,13 @@ from typing import Any, Callable
 import torch
 
 from effine.config import Config
-
-
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def release_free_heap() -> bool:
-    """Give the C heap's free pages back to the OS (glibc ``malloc_trim(0)``; under jemalloc a purge of all arenas);
-    True if it ran, False where neither is available (other platforms keep their allocator's behaviour).
-
-    glibc keeps freed chunks mapped, so after a one-off phase that frees a lot — quantizing the bf16 base layer
-    by layer — the process RSS stays at the dense size although the live bytes fell. Called once after such a
-    phase, never per step (the pages a step frees are reused by the next one; trimming them costs page faults).
-    """
-    import ctypes
-    import ctypes.util
-
-    from effine.train.allocator import loaded
-
-    jemalloc = loaded()
-    if jemalloc:  # jemalloc as effine configures it never purges by itself: purge every arena once, now
-        try:
-            mallctl = ctypes.CDLL(jemalloc).mallctl
-            return mallctl(b"arena.4096.purge", None, None, None, 0) == 0  # 4096: MALLCTL_ARENAS_ALL
-        except (OSError, AttributeError):
-            return False
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim(0)  # returns 1 if pages were released, 0 if there were none: either way it ran
-    return True
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs),
-    so that the peak measured next is that of what follows only. False where not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from effine.system.heap import reset_peak_rss, status_bytes
 
 
 def _measure_worker() -> None:
     """Child process of :func:`measure_peak`: reads {"config": ..., "steps": ...} on stdin, prints one JSON line.
-    Runs under the allocator `effine train` would use (:func:`effine.train.allocator.ensure`)."""
-    from effine.train.allocator import ensure
+    Runs under the allocator `effine train` would use (:func:`effine.system.allocator.ensure`)."""
+    from effine.system.allocator import ensure
 
     ensure()  # may re-execute this child under jemalloc; stdin is still unread
     import gc
@@ -81,22 +35,22 @@ def _measure_worker() -> None:
 
     from effine.config import config_from_dict
     from effine.model.loader import resolve_model_dir
-    from effine.train.loop import backward_window
+    from effine.train.step import train_step
     from effine.train.optim import build_optimizer
-    from effine.train.run import prepare_model
+    from effine.recipe import ModelRecipe, build_model
 
     cfg = config_from_dict(req["config"])
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.cache_dir, cfg.model.revision)
     gc.collect()
-    baseline = _status_bytes("VmRSS")
+    baseline = status_bytes("VmRSS")
     can_reset = reset_peak_rss()
     t0 = time.perf_counter()
-    model = prepare_model(cfg, model_dir, lambda m: None)
+    model = build_model(ModelRecipe.from_config(cfg), model_dir=model_dir)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, cfg.train)
-    load_hwm = _status_bytes("VmHWM")
-    after_load = _status_bytes("VmRSS")
+    load_hwm = status_bytes("VmHWM")
+    after_load = status_bytes("VmRSS")
     B, T = cfg.train.batch_size, cfg.data.max_length
     V = model.get_output_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
@@ -112,14 +66,10 @@ def _measure_worker() -> None:
             ids = torch.randint(0, V, (B, T), generator=g)
             window.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
                            "position_ids": torch.arange(T).expand(B, T)})
-        backward_window(model, window, cfg.train.loss_impl)
-        if cfg.train.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, window, cfg.train.lr, cfg.train.max_grad_norm, params, cfg.train.loss_impl)
         step_s.append(time.perf_counter() - t)
-        step_peaks.append(_status_bytes("VmHWM") - baseline)
-    train_hwm = _status_bytes("VmHWM") if can_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        step_peaks.append(status_bytes("VmHWM") - baseline)
+    train_hwm = status_bytes("VmHWM") if can_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     load_peak = load_hwm - baseline
     train_peak = train_hwm - baseline
     out = {"baseline": baseline, "load_peak": load_peak, "after_load": after_load - baseline,
@@ -130,11 +80,11 @@ def _measure_worker() -> None:
 
 
 def measure_peak(cfg: Config, steps: int = 2, env: dict[str, str] | None = None, timeout: float = 1800) -> dict:
-    """Run ``prepare_model`` + ``steps`` training steps of the planned shape in a subprocess; peak RSS above baseline.
+    """Run ``build_model`` + ``steps`` training steps of the planned shape in a subprocess; peak RSS above baseline.
 
     Each micro-batch is ``train.batch_size`` x ``data.max_length`` random token ids, all supervised. The baseline
     is the child's RSS after importing torch, transformers and effine, right before loading. Returns bytes:
-    ``peak`` (= max of ``load_peak`` and ``train_peak``), ``load_peak`` (VmHWM during prepare_model),
+    ``peak`` (= max of ``load_peak`` and ``train_peak``), ``load_peak`` (VmHWM during build_model),
     ``train_peak`` (VmHWM during the steps, reset after loading), ``after_load``, ``baseline``, ``step_peaks``,
     and seconds. ``env`` adds environment variables (e.g. ``MALLOC_MMAP_THRESHOLD_`` to see live memory).
     """
@@ -142,7 +92,7 @@ def measure_peak(cfg: Config, steps: int = 2, env: dict[str, str] | None = None,
     child_env = {**os.environ, **(env or {})}
     src = str(Path(__file__).resolve().parents[2])
     child_env["PYTHONPATH"] = src + os.pathsep + child_env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", "from effine.train.measure import _measure_worker; _measure_worker()"],
+    proc = subprocess.run([sys.executable, "-c", "from effine.plan.measure import _measure_worker; _measure_worker()"],
                           input=req, capture_output=True, text=True, env=child_env, timeout=timeout)
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("EFFINE_MEASURE "):
@@ -154,7 +104,7 @@ def saved_for_backward_bytes(model: torch.nn.Module, forward: Callable[[], Any])
     """Unique storage bytes that autograd keeps for backward during ``forward()`` (parameters and buffers excluded).
 
     Counts each storage once (views share one), which is what the activation formula of
-    :mod:`effine.train.memory` predicts.
+    :mod:`effine.plan.memory` predicts.
     """
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: dict[int, int] = {}

@@ -2,8 +2,8 @@
 
 Everything is computed from the model's ``config.json`` and the run config. Parameter counts and the shape of
 every linear layer come from the model built on the ``meta`` device (exact, no memory, ~1 s; the inventory is
-:mod:`effine.train.memory_inventory`), so every family transformers knows is covered without per-family tables.
-:func:`effine.train.measure.measure_peak` runs the real thing in a subprocess for validation
+:mod:`effine.plan.inventory`), so every family transformers knows is covered without per-family tables.
+:func:`effine.plan.measure.measure_peak` runs the real thing in a subprocess for validation
 (``bench/memory_plan.py``, ``tests/unit/test_memory_plan.py``).
 
 Notation: ``N = B * T`` tokens per micro-batch (``train.batch_size`` x ``data.max_length``; packing or not, the
@@ -61,7 +61,7 @@ allocator    CPU: glibc malloc keeps freed heap memory resident (tensors below i
              32 MiB are carved from the heap and holes are not returned to the OS), so peak RSS exceeds the live
              peak. Calibrated on SmolLM2-135M and Gemma-3-270M (``bench/results/memory_plan.md``):
              ``ALLOC_CPU_FACTOR`` x (activations + loss + workspace) + ``ALLOC_CPU_FIXED``. Under jemalloc (what
-             ``effine train`` uses when it finds one, :mod:`effine.train.allocator`) ``ALLOC_CPU_FACTOR_JEMALLOC``.
+             ``effine train`` uses when it finds one, :mod:`effine.system.allocator`) ``ALLOC_CPU_FACTOR_JEMALLOC``.
              GPU: the caching allocator's fragmentation, assumed 10% of the transient part (not calibrated).
 
 Peak: the maximum over the phases "loss forward", "backward" and "optimizer step" of the live bytes; on CPU also
@@ -82,7 +82,7 @@ from typing import Any
 from effine.config import Config
 from effine.errors import ConfigError
 from effine.quant.swap import check_quant_settings
-from effine.train.memory_inventory import (_TORCH_DTYPES, _build_inventory, _checkpoint_bytes, _Inventory, _Linear,
+from effine.plan.inventory import (_TORCH_DTYPES, _build_inventory, _checkpoint_bytes, _Inventory, _Linear,
                                            _model_config, _Norm)
 
 __all__ = [
@@ -100,7 +100,7 @@ RUNTIME_CPU_IMPORT = 240 * MiB  # RSS after `import torch, transformers` (python
 RUNTIME_CPU_MODEL_CODE = 100 * MiB  # importing the model's modeling code, building it, first kernels
 RUNTIME_CUDA_CONTEXT = GiB // 2  # assumption: CUDA context + cuBLAS/cuDNN handles, outside torch's allocator
 ALLOC_CPU_FACTOR = 0.55  # glibc heap retention, as a share of the transient bytes (activations, loss, workspace)
-ALLOC_CPU_FACTOR_JEMALLOC = 0.15  # the same under jemalloc as effine train configures it (train/allocator.py); fit:
+ALLOC_CPU_FACTOR_JEMALLOC = 0.15  # the same under jemalloc as effine train configures it (system/allocator.py); fit:
 # 0.13-0.18 on SmolLM2-135M and Gemma-3-270M, LoRA and QLoRA, 4x512 (bench/results/memory_plan.md, jemalloc rows)
 ALLOC_CPU_FIXED = 0  # bytes
 ALLOC_GPU_FACTOR = 0.10  # assumption: CUDA caching-allocator fragmentation on the transient bytes
@@ -203,7 +203,7 @@ class MemoryPlan:
 
     @property
     def above_baseline(self) -> int:
-        """Predicted peak minus the process baseline: comparable to :func:`effine.train.measure.measure_peak`'s ``peak``."""
+        """Predicted peak minus the process baseline: comparable to :func:`effine.plan.measure.measure_peak`'s ``peak``."""
         return self.total - self.baseline
 
     @property
@@ -548,7 +548,7 @@ def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | N
     }
     alloc_factor, alloc_fixed = (ALLOC_CPU_FACTOR, ALLOC_CPU_FIXED) if device == "cpu" else (ALLOC_GPU_FACTOR, 0)
     if device == "cpu":
-        from effine.train.allocator import will_use_jemalloc
+        from effine.system.allocator import will_use_jemalloc
 
         if will_use_jemalloc():
             alloc_factor = ALLOC_CPU_FACTOR_JEMALLOC

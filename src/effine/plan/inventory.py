@@ -1,4 +1,4 @@
-"""The model inventory the memory planner (:mod:`effine.train.memory`) works from: every linear, norm and
+"""The model inventory the memory planner (:mod:`effine.plan.memory`) works from: every linear, norm and
 parameter of the model ``cfg.model.name`` names, read from its config.json through a model built on the meta
 device (nothing is downloaded or allocated), and the checkpoint's size on disk."""
 
@@ -13,7 +13,7 @@ from torch import nn
 from effine.config import Config
 from effine.errors import ConfigError
 
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from effine.dtypes import DTYPES as _TORCH_DTYPES  # noqa: E402
 
 
 @dataclass
