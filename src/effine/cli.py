@@ -3,6 +3,8 @@
     effine train CONFIG [--set key.path=value ...] [--resume] [--nproc N]
     effine data check CONFIG [--set ...] [--show N]
     effine generate MODEL_OR_RUN_DIR [--prompt TEXT ...] [--max-new-tokens N] [--no-quant]
+    effine eval MODEL_OR_RUN_DIR --data FILE [--metric exact_match|contains|chrf|rouge_l|loss] [--limit N] [--out F]
+    effine chat MODEL_OR_RUN_DIR [--system TEXT] [--max-new-tokens N]
     effine merge RUN_DIR [--out DIR] [--dtype bf16]
     effine ptq MODEL_DIR --out DIR [--bits 4] [--group-size 128]
     effine push RUN_DIR --repo user/name [--what adapter|merged|gguf] [--private] [--revision BRANCH] [--dry-run]
@@ -81,6 +83,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = prompt_ids_for(loaded.tokenizer, p, chat=not args.no_chat)
         print(f">>> {p}\n{generate(loaded.model, loaded.tokenizer, ids, args.max_new_tokens)}\n")
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from effine.eval.task_run import evaluate_target
+
+    result, path = evaluate_target(args.model, args.data, args.metric, limit=args.limit, batch_size=args.batch_size,
+                                   max_new_tokens=args.max_new_tokens, out=args.out, dtype=args.dtype,
+                                   as_trained=not args.no_quant, seed=args.seed)
+    print(f"{args.model}: {result.line()}; rows: {path}", file=sys.stderr)
+    print(json.dumps({"metric": result.metric, "data": args.data, "n": result.n, "score": result.score,
+                      "ci": result.ci, "rows": str(path)}))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from effine.eval.chat import chat_loop
+    from effine.eval.generate import load_for_generation
+    from effine.eval.task_run import run_config_for
+
+    loaded = load_for_generation(args.model, args.dtype, as_trained=not args.no_quant)
+    cfg = run_config_for(args.model, loaded.adapter_dir)
+    system = args.system if args.system is not None else (cfg.data.system_prompt if cfg else None)
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
+    return chat_loop(loaded.model, loaded.tokenizer, system_prompt=system, max_new_tokens=args.max_new_tokens)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -232,6 +259,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply the adapter to the original base weights even if the run trained on a quantized "
                    "(QLoRA) or fake-quantized (QAT) base; by default the base is rebuilt as training saw it")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="score a model, run dir or adapter dir on held-out rows with references",
+                       description="Greedy answers (batched, through the chat template, stopping at end-of-turn) "
+                       "to held-out rows that carry a reference ('answer', 'ideal' (OpenAI evals), the last "
+                       "assistant turn, or 'completion'), scored with a metric and a seeded 95%% bootstrap "
+                       "interval. Writes one JSON line per row (prompt, reference, prediction, score).")
+    p.add_argument("model", help="model spec, run dir (adapter is applied) or adapter dir")
+    p.add_argument("--data", required=True, help="rows to score: .jsonl/.json/.csv/.parquet or builtin:NAME")
+    p.add_argument("--metric", default="exact_match", choices=["exact_match", "contains", "chrf", "rouge_l", "loss"],
+                   help="exact_match / contains (normalised: case, punctuation, whitespace), chrf (sacrebleu), "
+                   "rouge_l (rouge-score), loss (nats per reference token, no generation); default exact_match")
+    p.add_argument("--limit", type=int, help="score only the first N rows")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate per row (default 48)")
+    p.add_argument("--out", help="rows file (default RUN_DIR/eval-METRIC.jsonl, or ./eval-METRIC.jsonl)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (default fp32)")
+    p.add_argument("--no-quant", action="store_true", help="QLoRA/QAT runs: use the original base weights")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("chat", help="chat with a model, run dir or adapter dir in the terminal",
+                       description="Multi-turn chat through the chat template, replies streamed as they are "
+                       "generated (greedy). /reset clears the conversation, /system TEXT sets the system prompt, "
+                       "/quit or Ctrl-D exits.")
+    p.add_argument("model", help="model spec, run dir (adapter is applied) or adapter dir")
+    p.add_argument("--system", help="system prompt (default: the run's data.system_prompt, if any)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most (default 256)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (default fp32)")
+    p.add_argument("--no-quant", action="store_true", help="QLoRA/QAT runs: use the original base weights")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("merge", help="merge a run's (Q)LoRA adapter (or bake a QAT run) into a transformers model dir",
                        description="Rebuild the base exactly as training saw it (same dtype, same quantization), "

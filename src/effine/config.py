@@ -58,7 +58,8 @@ class ModelConfig:
 class DataConfig:
     path: str = _f("builtin:chitchat", "Training data: a .jsonl/.json/.csv/.parquet file, or builtin:NAME "
                    "(builtin:chitchat: 4k human conversations; builtin:chitchat-completion: the same as "
-                   "prompt/completion text; builtin:evals: chat tasks with ideal answers).")
+                   "prompt/completion text; builtin:evals: chat tasks with ideal answers; builtin:evals-tomi / "
+                   "builtin:evals-tomi-test: one such task split by story for training and task eval).")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = _f(
         "auto", "Row format; auto detects it from the first row's keys.")
     eval_path: str | None = _f(None, "Held-out data file; when unset, `eval_fraction` of the rows are held out.")
@@ -171,7 +172,17 @@ class EvalConfig:
     batch_size: int | None = _f(None, "Eval micro-batch size (default: train.batch_size).")
     prompts: list[str] = _f([], "Prompts to generate from before and after training (shown side by side).")
     prompts_from_eval: int = _f(2, "Also take the first N held-out conversations' prompts as sample prompts.")
-    max_new_tokens: int = _f(48, "Tokens to generate per sample prompt.", min=1)
+    max_new_tokens: int = _f(48, "Tokens to generate per sample prompt (and per task-eval row).", min=1)
+    # Task eval (effine/eval/task.py): generated answers scored against references, before and after training.
+    data: str | None = _f(None, "Held-out rows with references for a task eval before and after training (a file "
+                          "or builtin:NAME, e.g. builtin:evals-tomi-test; the reference is the 'answer', the "
+                          "'ideal', the last assistant turn or the completion). Greedy answers are scored with "
+                          "eval.metric (95% bootstrap CI) into summary.json, report.md and "
+                          "task_eval_before/after.jsonl. Unset: no task eval.")
+    metric: Literal["exact_match", "contains", "chrf", "rouge_l", "loss"] = _f(
+        "exact_match", "Task-eval metric: exact_match / contains (after lower-casing, removing punctuation and "
+        "collapsing whitespace), chrf (sacrebleu), rouge_l (rouge-score), loss (per reference token).")
+    task_limit: int | None = _f(200, "Task eval on the first N rows of eval.data only (unset: all).", min=1)
 
 
 def check_repo_id(repo_id: str, where: str = "--repo") -> str:

@@ -150,3 +150,19 @@ def test_builtin_evals_rows_are_chat_conversations(tmp_path):
     for row in rows:
         roles = [m["role"] for m in row["messages"]]
         assert roles[-1] == "assistant" and "user" in roles and set(roles) <= {"system", "user", "assistant"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("evals") is None,
+                    reason="evals not installed (builtin:evals installs it on first use; not done in unit tests)")
+def test_builtin_evals_tomi_splits_by_story(tmp_path):
+    """Train and test share no story (the six questions about one story stay in one split); test is ~20%."""
+    from effine.eval.task import read_task_rows
+
+    train = [json.loads(line) for line in resolve_builtin("builtin:evals-tomi", tmp_path).open()]
+    test = read_task_rows(resolve_builtin("builtin:evals-tomi-test", tmp_path))
+    assert len(train) + len(test) == 5993 and 0.15 < len(test) / 5993 < 0.25
+    story = lambda text: text.rsplit(". ", 1)[0]  # noqa: E731
+    train_stories = {story(r["messages"][0]["content"]) for r in train}
+    assert not train_stories & {story(r.messages[0]["content"]) for r in test}
+    assert all(len(r.references) == 1 and r.references[0].isidentifier() for r in test)  # "pantry", "blue_box"
+    assert len({story(r.messages[0]["content"]) for r in test[:12]}) > 6  # shuffled: the first N are a sample

@@ -9,6 +9,10 @@ half-written dataset behind.
   (MIT licence): ~7k human-human chats, of which the ~4k with a reply become user/assistant conversations.
 * ``builtin:evals`` — chat-format tasks from the ``evals`` package (OpenAI Evals, MIT licence; individual eval
   sets may credit their own sources): prompts with their ideal answers, a few thousand rows.
+* ``builtin:evals-tomi`` / ``builtin:evals-tomi-test`` — one evals task split for fine-tuning and task eval:
+  ToMi (theory-of-mind stories, "Where will Chloe look for the boots?" -> "pantry"; 5,993 rows, single-word
+  answers). Split by story (the six questions about one story stay together), ~20% of stories held out; the test
+  rows are shuffled (seeded) so that its first N rows are a random sample.
 """
 
 from __future__ import annotations
@@ -175,12 +179,44 @@ def _evals_rows() -> Iterator[dict[str, Any]]:
                         break
 
 
+EVALS_SPLIT_TASKS = {"tomi": "theory_of_mind/tomi/test.jsonl"}
+EVALS_TEST_SHARE = 5  # one story in five (by a hash of its text) is held out
+
+
+def _story_of(messages: list[dict[str, str]]) -> str:
+    """The prompt without its final question: the key that keeps a story's questions in one split."""
+    text = messages[-2]["content"]
+    return text.rsplit(". ", 1)[0]
+
+
+def _evals_split_rows(task: str, test: bool) -> Iterator[dict[str, Any]]:
+    import hashlib
+    import random
+
+    root = ensure_package("evals", EVALS_REQUIREMENT) / "registry" / "data"
+    path = root / EVALS_SPLIT_TASKS[task]
+    rows = []
+    with path.open("r", encoding="utf-8") as f:
+        for line in f:
+            messages = evals_messages(json.loads(line)) if line.strip() else None
+            if not messages:
+                continue
+            digest = hashlib.sha1(_story_of(messages).encode("utf-8")).digest()
+            if (digest[0] % EVALS_TEST_SHARE == 0) == test:
+                rows.append({"messages": messages})
+    if test:
+        random.Random(0).shuffle(rows)
+    yield from rows
+
+
 # -- resolution --------------------------------------------------------------------------------------------------
 
 BUILDERS: dict[str, Callable[[], Iterator[dict[str, Any]]]] = {
     "chitchat": _chitchat_rows,
     "chitchat-completion": _chitchat_completion_rows,
     "evals": _evals_rows,
+    **{f"evals-{t}": (lambda t=t: _evals_split_rows(t, test=False)) for t in EVALS_SPLIT_TASKS},
+    **{f"evals-{t}-test": (lambda t=t: _evals_split_rows(t, test=True)) for t in EVALS_SPLIT_TASKS},
 }
 
 

@@ -35,6 +35,8 @@ from effine.config import Config, save_config
 from effine.errors import ConfigError
 from effine.eval.evaluate import evaluate
 from effine.eval.generate import generate, prompt_from_example, prompt_ids_for
+from effine.eval.task_run import report_lines as task_report_lines
+from effine.eval.task_run import task_eval_phase, task_eval_summary
 from effine.model.loader import cache_root, load_tokenizer, resolve_device, resolve_model_dir
 from effine.recipe import ModelRecipe, build_model, write_recipe
 from effine.report import write_report_safely
@@ -96,6 +98,8 @@ def _write_report(run_dir: Path, cfg: Config, summary: dict, samples: list[dict]
         lines += ["| | before | after |", "|---|---|---|",
                   f"| eval loss | {before['eval_loss']:.4f} | {after['eval_loss']:.4f} |",
                   f"| eval perplexity | {before['eval_ppl']:.2f} | {after['eval_ppl']:.2f} |"]
+    if task_rows := task_report_lines(summary.get("task_eval")):  # task score before/after (eval.data)
+        lines += (["", "| | before | after |", "|---|---|---|"] if before is None or after is None else []) + task_rows
     lines += ["", f"Trained {summary['steps']} steps in {summary['train_seconds']:.0f} s: "
              f"{summary['tokens_per_s']:.0f} tokens/s ({summary['supervised_per_s']:.0f} supervised tokens/s).", "",
              "## Samples (greedy)", ""]
@@ -230,6 +234,9 @@ def _run(cfg: Config, run_dir: Path, log: RunLog, ckpt: Path | None, force: bool
         gens_before = [generate(model, tokenizer, ids, cfg.eval.max_new_tokens) for _, ids in prompts]
         (run_dir / "before.json").write_text(json.dumps({"eval": eval_before, "samples": gens_before}))
         log(f"before: {_eval_line(eval_before)}" + ("" if eval_set else f" — {NO_EVAL_SET}"))
+    # task eval (eval.data) of the base model: rank 0, before wrapping (a resumed run reads its rows back)
+    task_before = (task_eval_phase(cfg, model, tokenizer, run_dir, "before", log, reuse=ckpt is not None)
+                   if dist.is_main else None)
     wrap_model(model, dist, cfg.train, log)  # [distributed hook] DDP / FSDP2, before the optimizer sees the params
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, cfg.train)
@@ -260,6 +267,7 @@ def _run(cfg: Config, run_dir: Path, log: RunLog, ckpt: Path | None, force: bool
     fault("outputs:start")
     eval_after = run_eval(result.state.step)
     gens_after = [generate(model, tokenizer, ids, cfg.eval.max_new_tokens) for _, ids in prompts]
+    task_after = task_eval_phase(cfg, model, tokenizer, run_dir, "after", log)
     log(f"after:  {_eval_line(eval_after)}"
         + (f" [before {eval_before['eval_loss']:.4f}]" if eval_before and eval_after else ""))
     for (p, _), b, a in zip(prompts, gens_before, gens_after):
@@ -273,6 +281,8 @@ def _run(cfg: Config, run_dir: Path, log: RunLog, ckpt: Path | None, force: bool
                "tokens_per_s": result.tokens_per_s, "supervised_per_s": result.supervised_per_s,
                "final_train_loss": result.last_loss, "eval_before": eval_before, "eval_after": eval_after,
                "data": report.to_dict() if hasattr(report, "to_dict") else None}
+    if (task := task_eval_summary(cfg, task_before, task_after)) is not None:
+        summary["task_eval"] = task
     summary.update(run_facts(cfg), samples=samples)  # memory, environment, generations: for report.html
     _write_report(run_dir, cfg, summary, samples)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
