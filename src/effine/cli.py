@@ -35,6 +35,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """What a command that loads a trained model for inference takes (eval, chat): the model and how to build it."""
+    p.add_argument("model", help="model spec, run dir (adapter is applied) or adapter dir")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (default fp32)")
+    p.add_argument("--no-quant", action="store_true", help="QLoRA/QAT runs: use the original base weights")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from effine.config import load_config
     from effine.train.run import run_training
@@ -265,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "to held-out rows that carry a reference ('answer', 'ideal' (OpenAI evals), the last "
                        "assistant turn, or 'completion'), scored with a metric and a seeded 95%% bootstrap "
                        "interval. Writes one JSON line per row (prompt, reference, prediction, score).")
-    p.add_argument("model", help="model spec, run dir (adapter is applied) or adapter dir")
+    _add_model_args(p)
     p.add_argument("--data", required=True, help="rows to score: .jsonl/.json/.csv/.parquet or builtin:NAME")
     p.add_argument("--metric", default="exact_match", choices=["exact_match", "contains", "chrf", "rouge_l", "loss"],
                    help="exact_match / contains (normalised: case, punctuation, whitespace), chrf (sacrebleu), "
@@ -274,8 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate per row (default 48)")
     p.add_argument("--out", help="rows file (default RUN_DIR/eval-METRIC.jsonl, or ./eval-METRIC.jsonl)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (default fp32)")
-    p.add_argument("--no-quant", action="store_true", help="QLoRA/QAT runs: use the original base weights")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.set_defaults(func=cmd_eval)
 
@@ -283,11 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Multi-turn chat through the chat template, replies streamed as they are "
                        "generated (greedy). /reset clears the conversation, /system TEXT sets the system prompt, "
                        "/quit or Ctrl-D exits.")
-    p.add_argument("model", help="model spec, run dir (adapter is applied) or adapter dir")
+    _add_model_args(p)
     p.add_argument("--system", help="system prompt (default: the run's data.system_prompt, if any)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most (default 256)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (default fp32)")
-    p.add_argument("--no-quant", action="store_true", help="QLoRA/QAT runs: use the original base weights")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("merge", help="merge a run's (Q)LoRA adapter (or bake a QAT run) into a transformers model dir",

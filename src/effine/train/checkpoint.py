@@ -96,7 +96,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
@@ -107,7 +107,8 @@ def _sha256(path: Path) -> str:
 def write_manifest(directory: Path) -> dict:
     """Write ``manifest.json`` (every other file below ``directory``: size and sha256) and fsync it."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    entries = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+               for p in files}
     manifest = {"format": "effine-checkpoint-1", "files": entries}
     with (directory / MANIFEST).open("w") as f:
         json.dump(manifest, f, indent=1)
@@ -132,7 +133,7 @@ def verify(directory: Path) -> str | None:
         size = p.stat().st_size
         if size != meta["size"]:
             return f"{name} is {size} bytes, the manifest says {meta['size']} (truncated or overwritten)"
-        if _sha256(p) != meta["sha256"]:
+        if file_sha256(p) != meta["sha256"]:
             return f"{name} does not match its sha256 in the manifest (corrupt)"
     return None
 

@@ -18,17 +18,11 @@ from typing import Any, Callable
 from effine.config import Config
 from effine.errors import ConfigError
 
+from effine.train.checkpoint import file_sha256
+
 DATA_KEYS = ("format", "eval_fraction", "max_eval_rows", "limit", "max_length", "overlength", "train_on",
              "chat_template", "system_prompt", "packing", "seed")
 TRAIN_KEYS = ("batch_size", "grad_accum", "seed")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _data_file(spec: str | None, cache_dir: Path) -> str | None:
