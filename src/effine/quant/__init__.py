@@ -34,30 +34,9 @@ from effine.quant.swap import (
     unwrap_qat,
 )
 
-__all__ = [
-    "qrange",
-    "compute_qparams",
-    "quantize",
-    "dequantize",
-    "fake_quantize",
-    "pack_int4",
-    "unpack_int4",
-    "NF4_CODE",
-    "FP4_CODE",
-    "QuantState4bit",
-    "dynamic_map_8bit",
-    "quantize_nf4",
-    "dequantize_nf4",
-    "QUANT_METHODS",
-    "QuantLinear",
-    "FakeQuantLinear",
-    "ste_fake_quantize",
-    "default_filter",
-    "skip_filter",
-    "check_quant_settings",
-    "quantize_model",
-    "apply_qat",
-    "unwrap_qat",
-    "ptq_quantize_state_dict",
-    "load_ptq_state_dict",
-]
+from effine.quant import affine as _affine
+from effine.quant import swap as _swap
+
+# The package's names are its modules' public names (each module lists its own in __all__).
+__all__ = [*_affine.__all__, "NF4_CODE", "FP4_CODE", "QuantState4bit", "dynamic_map_8bit", "quantize_nf4",
+           "dequantize_nf4", "QUANT_METHODS", "QuantLinear", "FakeQuantLinear", "ste_fake_quantize", *_swap.__all__]
