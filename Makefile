@@ -1,6 +1,6 @@
 # effine: two commands on a fresh machine.
 #   make demo   set up (venv, CPU PyTorch, effine) and fine-tune SmolLM2-135M-Instruct on real chat data
-#   make test   set up, lint and run the test suite (make test-fast: without the real-model tests)
+#   make test   set up, lint and run the test suite (make test-fast: the unit tests only)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
@@ -29,9 +29,10 @@ demo: setup
 test: setup lint browser
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-# The fast lane: everything but the real-model runs (tests marked slow), for the edit-test loop.
+# The fast lane for the edit-test loop: the unit tests (parity against references, config, data, recipe, planner
+# units), no real-model runs and no multi-process / subprocess scenarios.
 test-fast: setup
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests/unit
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
