@@ -95,7 +95,8 @@ def run(family: str, method: str, dist: Dist, cfg: TrainConfig, run_dir: Path, r
     if not dist.is_main:
         return None
     full = dict(model.named_parameters())
-    return {"losses": [r["loss"] for r in rows.rows], "weights": {n: full[n].detach() for n in sorted(trainable)},
+    losses = [r["loss"] for r in rows.rows if r["kind"] == "train"]  # (metrics also carry start / eval rows)
+    return {"losses": losses, "weights": {n: full[n].detach() for n in sorted(trainable)},
             "sharded_uint8": sharded}
 
 
