@@ -101,22 +101,28 @@ def measure_peak(cfg: Config, steps: int = 2, env: dict[str, str] | None = None,
     raise RuntimeError(f"measure_peak: the worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def saved_for_backward_bytes(model: torch.nn.Module, forward: Callable[[], Any]) -> int:
+def saved_for_backward_bytes(model: torch.nn.Module, forward: Callable[[], Any], keep: bool = True) -> int:
     """Unique storage bytes that autograd keeps for backward during ``forward()`` (parameters and buffers excluded).
 
     Counts each storage once (views share one), which is what the activation formula of
-    :mod:`effine.plan.memory` predicts.
+    :mod:`effine.plan.memory` predicts. ``keep=False``: the graph keeps nothing (no backward can follow), so the
+    counted tensors are freed as soon as the forward returns.
     """
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: dict[int, int] = {}
+    alive: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
         if s.data_ptr() not in skip:
             seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-        return t
+        if keep:
+            return t
+        alive.append(t)  # held until the forward returns, so a freed storage's address is not counted twice
+        return None
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = forward()
     del out
+    alive.clear()
     return sum(seen.values())

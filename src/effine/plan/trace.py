@@ -8,8 +8,8 @@ of the model exactly as training does — the same transformers module, effine's
 
     one layer of the config (num_hidden_layers = 1)  on the meta device: no weights read, no memory
         -> inject_lora / apply_qat / fuse_model / attention backend, as build_model does
-        -> materialise that one layer on the CPU, uninitialised (torch.empty: the values do not change what is
-           saved, only its size matters)
+        -> materialise that one layer on the CPU with constant weights (the values do not change what is saved,
+           only its size matters)
         -> forward of (B, T, H) hidden states with input grad (or without: layer 0 under LoRA reads the frozen
            embedding's output), count saved bytes S(B, T)
 
@@ -111,8 +111,10 @@ class _LayerUnderTest:
                                                          trust_remote_code=cfg.model.trust_remote_code)
         finally:
             tlog.setLevel(old)
-        # A model without transformers' attention interface runs its own (eager) attention with a (T, T) mask
+        # A model without transformers' attention interface runs its own attention: its eager path needs a (T, T)
+        # mask (and keeps (T, T) probabilities), its sdpa path takes none (causal, no T^2 term)
         self.effine_attention = bool(getattr(model, "_supports_attention_backend", False))
+        self.own_eager = not self.effine_attention and getattr(model.config, "_attn_implementation", "") == "eager"
         # The layer as training builds it (build_model), minus the quantization of the frozen base: a frozen linear
         # keeps the same bytes for backward whether its weight is dense or quantized (only the adapter needs x).
         from effine.recipe import ModelRecipe, build_model
@@ -124,6 +126,10 @@ class _LayerUnderTest:
 
         _, stack = _layer_stack(model)
         self.layer = stack[0].to_empty(device="cpu")
+        with torch.no_grad():  # any finite values do: what is saved depends on shapes, not values (QAT needs finite)
+            for t in self.layer.parameters():
+                if t.is_floating_point():
+                    t.fill_(0.01)
         self.layer.train()
         self.model, self.dtype = model, dtype
         self.hidden = int(c.hidden_size)
@@ -149,7 +155,7 @@ class _LayerUnderTest:
             kw["position_embeddings"] = self._position_embeddings(B, T)
         if "alibi" in self.kwargs:
             kw["alibi"] = None
-        if not self.effine_attention:  # its own attention: an additive causal (B, 1, T, T) mask, built once
+        if self.own_eager:  # its own eager attention: an additive causal (B, 1, T, T) mask, built once
             kw["attention_mask"] = torch.full((T, T), float("-inf"), dtype=self.dtype).triu(1).expand(B, 1, T, T)
         kw = {k: v for k, v in kw.items() if k in self.kwargs or "kwargs" in self.kwargs}
 
@@ -160,7 +166,7 @@ class _LayerUnderTest:
                 x = x[0] if isinstance(x, tuple) else x
             return x
 
-        return saved_for_backward_bytes(self.layer, forward)
+        return saved_for_backward_bytes(self.layer, forward, keep=False)
 
 
 def quadratic_in_t(config, layer: int, attn: str, T: int) -> bool:
@@ -194,7 +200,19 @@ def trace_layer(config, layer: int, cfg: Config, attn: str, fused: bool, T: int,
 
 
 def _trace(config, layer: int, cfg: Config, attn: str, fused: bool, T: int, input_grad: bool) -> LayerBytes:
+    import gc
+
     lut = _LayerUnderTest(config, layer, cfg, attn, fused)
+    try:
+        return _measure(lut, config, layer, attn, T, input_grad)
+    finally:
+        # The layer's weights (a 7B model's layer: ~0.4 GB) sit in reference cycles (module hooks); free them now,
+        # not whenever the cyclic collector next runs, or planning many configs holds them all at once.
+        del lut
+        gc.collect()
+
+
+def _measure(lut: _LayerUnderTest, config, layer: int, attn: str, T: int, input_grad: bool) -> LayerBytes:
 
     def point(B: int, t: int) -> tuple[int, int]:
         """(bytes one more layer adds, bytes the layers share) for B rows of t tokens."""
@@ -208,7 +226,7 @@ def _trace(config, layer: int, cfg: Config, attn: str, fused: bool, T: int, inpu
         return ((b2[0] - b1[0], 2 * b1[0] - b2[0]), (b2[1] - b1[1], 2 * b1[1] - b2[1]))
 
     with torch.random.fork_rng(devices=[]):  # LoRA dropout masks must not move the caller's RNG
-        if quadratic_in_t(config, layer, attn, T) or not lut.effine_attention or T <= SHORT_T[1]:
+        if quadratic_in_t(config, layer, attn, T) or lut.own_eager or T <= SHORT_T[1]:
             (row, call), (srow, scall) = rows_and_call(point(1, T), point(2, T))
             return LayerBytes(row, call, srow, scall)
         t1, t2 = SHORT_T
