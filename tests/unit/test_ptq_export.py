@@ -84,8 +84,11 @@ def test_on_disk_format_and_files(tiny_llama_dir, tmp_path):
     assert {k: config[PTQ_CONFIG_KEY][k] for k in ("bits", "group_size", "symmetric")} == \
         {"bits": 4, "group_size": 32, "symmetric": True} == {k: meta[k] for k in ("bits", "group_size", "symmetric")}
     assert "quantization_config" not in config
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "ptq_report.json"):
+    for f in ("tokenizer.json", "tokenizer_config.json", "ptq_report.json"):
         assert (tmp_path / f).is_file(), f
+    side = [f.name for f in tiny_llama_dir.iterdir() if f.suffix in (".json", ".jinja", ".txt") and
+            f.name not in ("config.json", "model.safetensors.index.json")]
+    assert side and all((tmp_path / f).is_file() for f in side), side  # every side file is copied
     assert not (tmp_path / "model.safetensors").exists()
     assert json.loads((tmp_path / "ptq_report.json").read_text()) == rep.to_dict()
     # transformers must not quietly build a random model from this dir

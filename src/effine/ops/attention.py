@@ -124,6 +124,11 @@ def flash_attn_available() -> bool:
 # Backend selection
 
 
+def default_backend() -> str | None:
+    """The process-wide default set by :func:`set_backend` (None: automatic)."""
+    return _DEFAULT
+
+
 def set_backend(name: str | None) -> None:
     """Process-wide default backend (``None`` = automatic). Below :func:`attention_backend` and arguments."""
     global _DEFAULT

@@ -121,7 +121,14 @@ class _LayerUnderTest:
 
         recipe = ModelRecipe.from_config(cfg).replace(attn=attn, device="cpu", gradient_checkpointing=False,
                                                       fused_ops=fused, quant={"method": "none", "skip_modules": ()})
-        model = build_model(recipe, base=model)
+        from effine.ops.attention import default_backend, set_backend
+
+        before = default_backend()
+        try:
+            model = build_model(recipe, base=model)
+        finally:
+            set_backend(before)  # planning must not change the process's attention default (enable() sets it)
+        self.attn = attn
         from effine.plan.inventory import _layer_stack
 
         _, stack = _layer_stack(model)
@@ -166,7 +173,10 @@ class _LayerUnderTest:
                 x = x[0] if isinstance(x, tuple) else x
             return x
 
-        return saved_for_backward_bytes(self.layer, forward, keep=False)
+        from effine.ops.attention import attention_backend
+
+        with attention_backend(self.attn if self.effine_attention else None):
+            return saved_for_backward_bytes(self.layer, forward, keep=False)
 
 
 def quadratic_in_t(config, layer: int, attn: str, T: int) -> bool:
