@@ -60,3 +60,17 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
             msgs += [{"role": "user", "content": f"say {q}"}, {"role": "assistant", "content": q}]
         rows.append({"messages": msgs})
     return rows
+
+
+def token_examples(n: int, seed: int = 0):
+    """Deterministic tokenised examples of 5-23 tokens with a varying share of labelled tokens (ids 3-249)."""
+    from effine.data import Example
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(5, 24, (1,), generator=g))
+        ids = torch.randint(3, 250, (length,), generator=g).tolist()
+        start = int(torch.randint(1, length - 1, (1,), generator=g))
+        out.append(Example(ids, [-100] * start + ids[start:], f"ex:{i}"))
+    return out

@@ -24,6 +24,7 @@ from effine.train.dist_checkpoint import load_any_checkpoint
 from effine.train.distributed import Dist, init_distributed, shutdown, unshard_on_main, wrap_model
 from effine.train.loop import train_loop
 from effine.train.optim import build_optimizer
+from tests.conftest import token_examples
 
 B = 2  # micro-batch per rank; the one-process reference uses 2 * B
 N_EXAMPLES = 21  # 21 / 4 per global micro-batch: each epoch ends on a 1-sample batch (rank 1 gets the dummy row)
@@ -36,14 +37,7 @@ SCENARIOS = [(f"{p}-{m}-{a}", a, m, p) for p in ("ddp", "fsdp") for m in ("lora"
 
 
 def examples(n: int = N_EXAMPLES, seed: int = 0) -> list[Example]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = int(torch.randint(5, 24, (1,), generator=g))
-        ids = torch.randint(3, 250, (length,), generator=g).tolist()
-        start = int(torch.randint(1, length - 1, (1,), generator=g))
-        out.append(Example(ids, [-100] * start + ids[start:], f"ex:{i}"))
-    return out
+    return token_examples(n, seed)
 
 
 class Rows:

@@ -14,19 +14,7 @@ from effine.config import AdapterConfig, load_config
 from effine.data import Example, collate
 from effine.model.tiny import tiny_model
 from effine.train.step import backward_window
-from tests.conftest import chat_rows, write_jsonl
-
-
-def _examples(n: int, seed: int = 0) -> list[Example]:
-    """Variable-length examples with a varying share of labelled tokens."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = int(torch.randint(5, 24, (1,), generator=g))
-        ids = torch.randint(3, 250, (length,), generator=g).tolist()
-        start = int(torch.randint(1, length - 1, (1,), generator=g))
-        out.append(Example(ids, [-100] * start + ids[start:], f"ex:{i}"))
-    return out
+from tests.conftest import chat_rows, token_examples, write_jsonl
 
 
 def _lora_grads(batches: list[list[Example]]) -> tuple[float, int, dict[str, torch.Tensor]]:
@@ -44,7 +32,7 @@ def _lora_grads(batches: list[list[Example]]) -> tuple[float, int, dict[str, tor
 
 def test_grad_accumulation_equivalence():
     """batch 8 x accum 1 == batch 1 x accum 8 == batch 4 x accum 2: same loss, same gradients."""
-    ex = _examples(8)
+    ex = token_examples(8)
     ref_loss, ref_n, ref = _lora_grads([ex])
     for split in ([ex[i:i + 1] for i in range(8)], [ex[:4], ex[4:]], [ex[:3], ex[3:5], ex[5:]]):
         loss, n, grads = _lora_grads(split)
@@ -56,7 +44,7 @@ def test_grad_accumulation_equivalence():
 
 def test_naive_per_microbatch_mean_would_differ():
     """The test above can fail: averaging per micro-batch (the common bug) gives a different gradient."""
-    ex = _examples(8)
+    ex = token_examples(8)
     _, _, ref = _lora_grads([ex])
     model = tiny_model("llama", seed=0)
     torch.manual_seed(0)
@@ -203,7 +191,7 @@ def test_packed_batch_equals_documents_one_by_one(backend):
     """Packing is contamination-free: same loss and gradients as running each document alone (fp32)."""
     from effine.data import pack_examples
 
-    ex = _examples(10, seed=3)
+    ex = token_examples(10, seed=3)
     rows = pack_examples(ex, max_length=48)
     assert len(rows) < len(ex)  # several documents really share rows
     model = _lora_tiny(backend)
@@ -223,7 +211,7 @@ def test_right_padded_batch_is_one_dense_call_and_equals_one_by_one(backend, mon
     calls = []
     real = A.attention
     monkeypatch.setattr(A, "attention", lambda *a, **kw: calls.append(kw.get("cu_seqlens")) or real(*a, **kw))
-    ex = _examples(6, seed=5)
+    ex = token_examples(6, seed=5)
     assert len({len(e) for e in ex}) > 1  # really padded
     model = _lora_tiny(backend)
     batch_loss, batched = _grads_of(model, [collate(ex, 0)])
@@ -237,7 +225,7 @@ def test_right_padded_batch_is_one_dense_call_and_equals_one_by_one(backend, mon
 
 def test_gradient_checkpointing_same_gradients():
     model = _lora_tiny()
-    batch = [collate(_examples(4), 0)]
+    batch = [collate(token_examples(4), 0)]
     loss_a, a = _grads_of(model, batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
