@@ -77,7 +77,13 @@ class DataConfig:
                                    "a built-in name (chatml). Unset: the tokenizer's own; models without one use "
                                    "chatml (announced in the log).")
     system_prompt: str | None = _f(None, "System message prepended to every conversation that has none.")
-    packing: bool = _f(False, "Pack several samples per row (attention stays within each sample).")
+    packing: bool | Literal["auto"] = _f(
+        "auto", "Pack several samples into each row of up to max_length tokens (best-fit decreasing; attention and "
+        "positions stay within each sample, no padding to compute). auto: on when the model's attention keeps "
+        "packed samples apart (every family effine's attention serves), off otherwise (said in the log); true: on, "
+        "an error where it cannot be exact; false: off. train.batch_size still counts samples: a packed "
+        "micro-batch takes as many rows as hold batch_size samples on average, so packing changes the work per "
+        "sample, not the number of steps or the samples per step (train.tokens_per_step sets rows by tokens).")
     seed: int = _f(1234, "Seed for the train/eval split and the shuffling order.")
     max_bad_fraction: float = _f(0.1, "Stop when more than this share of the rows read are dropped as unusable (no "
                                  "assistant turn, empty or non-text content, tool calls, overlong lines; listed in "
@@ -116,7 +122,12 @@ class QuantConfig:
 class TrainConfig:
     epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).", min=0.0)
     max_steps: int | None = _f(None, "Optimizer steps to run (overrides epochs).", min=1)
-    batch_size: int = _f(4, "Samples per micro-batch.", min=1)
+    batch_size: int = _f(4, "Samples per micro-batch (with packing: the packed rows that hold this many samples "
+                         "on average).", min=1)
+    tokens_per_step: int | None = _f(None, "Tokens per optimizer step instead of train.batch_size: each micro-batch "
+                                     "takes tokens_per_step / (grad_accum x data.max_length) packed rows (at least "
+                                     "1), so every step carries the same work whatever the sample lengths. Needs "
+                                     "packing (data.packing auto or true).", min=1)
     grad_accum: int = _f(1, "Micro-batches per optimizer step. The loss is normalised by the supervised tokens "
                          "of the whole window, so batch 8 x accum 1 == batch 1 x accum 8.", min=1)
     lr: float = _f(2e-4, "Peak learning rate.", min=0.0)
@@ -256,7 +267,18 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check_value(path, value, inner[0], meta)
+        for alt in inner[1:]:  # e.g. bool | Literal["auto"]: the value of whichever alternative takes it
+            try:
+                return _check_value(path, value, alt, meta)
+            except ConfigError:
+                pass
+        try:
+            return _check_value(path, value, inner[0], meta)
+        except ConfigError as e:
+            if len(inner) == 1:
+                raise
+            lits = [str(a) for alt in inner if typing.get_origin(alt) is Literal for a in typing.get_args(alt)]
+            raise ConfigError(f"{e} Or one of: {', '.join(lits)}.") from None
     if origin is Literal:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.4)

@@ -171,8 +171,9 @@ def test_packed_sdpa_runs_causal_kernel_without_mask(monkeypatch):
 
     monkeypatch.setattr(A.F, "scaled_dot_product_attention", spy)
     q, k, v = _qkv(T=32)
+    # documents of 5, 17, 10, 20, 12 tokens: three length buckets (6, 24, 12 wide), one call each
     attention(q, k, v, backend="sdpa", cu_seqlens=torch.tensor([0, 5, 22, 32, 52, 64]))
-    assert len(calls) == 5 and all(m is None and c is True for m, c in calls)
+    assert len(calls) == 3 and all(m is None and c is True for m, c in calls)
     calls.clear()
     attention(q, k, v, backend="sdpa")  # plain causal batch: one call, no mask
     assert calls == [(None, True)]
@@ -418,15 +419,56 @@ def test_packed_rows_with_right_padding(backend):
             s += n
 
 
-def test_single_token_runs_do_not_call_the_kernel(monkeypatch):
+def test_single_token_runs_do_not_call_the_kernel_per_token(monkeypatch):
     calls = []
     real = F.scaled_dot_product_attention
     monkeypatch.setattr(A.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, k, v = _qkv(B=1, T=40)
     cu = torch.tensor([0, 30, *range(31, 41)])  # one document, then ten one-token "documents" (padding)
     out = attention(q, k, v, backend="sdpa", cu_seqlens=cu)
-    assert len(calls) == 1
+    assert len(calls) == 2  # the 30-token document, and all ten one-token documents in one batched call
     _close(out, attention(q, k, v, backend="eager", cu_seqlens=cu))
+
+
+def _many_docs(B: int, T: int, seed: int, max_len: int = 12) -> torch.Tensor:
+    """cu_seqlens of rows of T tokens cut into random documents of 1..max_len tokens (what packing short samples
+    gives: dozens of documents per row)."""
+    g = torch.Generator().manual_seed(seed)
+    bounds = [0]
+    for b in range(B):
+        end = (b + 1) * T
+        while bounds[-1] < end:
+            bounds.append(min(end, bounds[-1] + int(torch.randint(1, max_len + 1, (1,), generator=g))))
+    return torch.tensor(bounds)
+
+
+def test_doc_buckets_cover_every_token_once():
+    from effine.ops.attention_packing import DocBuckets
+
+    cu = _many_docs(3, 96, seed=1, max_len=40)
+    plan = DocBuckets(cu.tolist(), "cpu")
+    assert sorted(plan.scatter.tolist()) == sorted(set(plan.scatter.tolist()))  # one row per token, no two alike
+    rows = torch.cat([g for _, _, g in plan.buckets])
+    assert torch.equal(rows[plan.scatter], torch.arange(3 * 96))  # row scatter[t] gathered token t itself
+    starts, ends = cu[:-1].tolist(), cu[1:].tolist()
+    doc_of = {t: d for d, (s, e) in enumerate(zip(starts, ends)) for t in range(s, e)}
+    for n, W, gather in plan.buckets:  # a bucket's rows stay inside one document each, padded with its last token
+        assert W == max(ends[doc_of[int(r[0])]] - starts[doc_of[int(r[0])]] for r in gather.view(n, W))
+        for r in gather.view(n, W).tolist():
+            assert len({doc_of[t] for t in r}) == 1 and r == sorted(r)
+    assert len(plan.buckets) <= 8 < len(starts)  # a few calls for dozens of documents
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "tiled"])
+@pytest.mark.parametrize("window", [None, 4])
+def test_many_short_documents_equal_eager(backend, window):
+    """Rows of dozens of 1-12 token documents (packed short samples): outputs and q/k/v gradients equal the eager
+    reference with its explicit block-diagonal mask."""
+    q, k, v = _qkv(B=2, T=96)
+    cu = _many_docs(2, 96, seed=0)
+    up = _upstream(q.shape)
+    _assert_all_close(_fwd_bwd(q, k, v, up, backend=backend, cu_seqlens=cu, sliding_window=window),
+                      _fwd_bwd(q, k, v, up, backend="eager", cu_seqlens=cu, sliding_window=window))
 
 
 def test_packed_rows_survive_gradient_checkpointing():

@@ -372,7 +372,7 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, cache_dir: Path | None = Non
         save_cache(cache_file, train, eval_, report)
         report.cache = f"written {cache_file}"
     check_bad_fraction(cfg, report)
-    if cfg.packing:
+    if cfg.packing is not False:  # true or auto (auto may still turn it off for a model: train/batching.py)
         report.packing_efficiency = packing_efficiency(pack_examples(train, cfg.max_length), cfg.max_length)
     return train, eval_, report
 

@@ -35,12 +35,12 @@ Backends here
 -------------
 ``eager``      fp32 softmax(QK^T * scale + mask) V with an explicit (T, T) mask: the reference, O(T^2) memory.
 ``sdpa``       SDPA; a plain causal batch uses ``is_causal=True`` (no mask tensor, so the CPU kernel skips the upper
-               triangle); packed rows run SDPA with ``is_causal=True`` once per document segment.
+               triangle); packed rows run SDPA with ``is_causal=True`` once per bucket of similar-length documents.
 ``flash_attn`` flash-attn 2/3 when importable (CUDA, fp16/bf16); packed rows use ``flash_attn_varlen_func``.
 ``tiled``      the same algorithm with the tile loop in Python and each tile product one batched matmul
                (:mod:`effine.ops.tiled_attention`): faster than SDPA's CPU kernel at training shapes;
                the CPU default for causal calls without a mask, softcap or dropout (others go to SDPA / eager);
-               packed rows run it once per document.
+               packed rows run it once per bucket of similar-length documents.
 
 Packed rows: several documents concatenated in one row. transformers v5 passes ``position_ids`` down to the
 attention function (decoder layer -> attention module -> ``attention_interface(..., **kwargs)``); documents start
@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from effine.ops.attention_packing import (_check_cu_seqlens, _doc_starts, _starts_to_cu,  # noqa: F401
-                                          cu_seqlens_from_position_ids)
+                                          cu_seqlens_from_position_ids, doc_buckets)
 from effine.ops.attention_reference import (_combine, _repeat_kv, _structural_mask, eager_attention,
                                             flash_attention_reference)
 from effine.ops.tiled_attention import supports, tiled_attention
@@ -82,6 +82,7 @@ __all__ = [
     "enable",
     "flash_attention_reference",
     "flash_attn_available",
+    "keeps_documents_apart",
     "register",
     "select_backend",
     "set_backend",
@@ -164,7 +165,7 @@ def select_backend(
     Auto: flash-attn on CUDA for fp16/bf16 without an explicit mask (it handles packed rows with varlen, sliding
     window and softcap); on CPU ``tiled`` (:func:`attention` sends the calls it cannot serve exactly to SDPA);
     otherwise SDPA, except with logit softcapping, which SDPA cannot do, where eager is used.
-    ``packed`` does not change the choice on CPU (SDPA runs per document), it is accepted so callers state it.
+    ``packed`` does not change the choice on CPU (SDPA runs per document bucket), it is accepted so callers state it.
     A forced backend is returned as is; :func:`attention` raises if it cannot serve the request.
     """
     name = override or _FORCED.get() or _DEFAULT or os.environ.get(ENV_VAR) or "auto"
@@ -253,47 +254,27 @@ def _sdpa_attention(q, k, v, *, scale, causal, sliding_window, cu_seqlens, mask,
         return _sdpa_dense(
             q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, keep=keep, bias=bias, dropout=dropout
         )
-    # One causal SDPA call per document: no (T, T) mask, the causal saving is kept inside every document.
-    B, Hq, T, _ = q.shape
-    n_rep = Hq // k.shape[1]
-    rows: list[list[torch.Tensor]] = [[] for _ in range(B)]
-    for b, ls, le, single in _row_segments(cu_seqlens.tolist(), T):
-        if single:
-            # A run of one-token documents (typically padding with position 0): softmax over a single key is 1,
-            # so each output is that token's own value vector. Exact (attention dropout is not applied to these
-            # tokens), and no kernel call per token.
-            rows[b].append(_repeat_kv(v[b : b + 1, :, ls:le], n_rep))
-            continue
-        seg = dense(
-            q[b : b + 1, :, ls:le], k[b : b + 1, :, ls:le], v[b : b + 1, :, ls:le],  # (1, H, L, D) views
-            scale=scale, causal=causal, sliding_window=sliding_window, keep=None, bias=None, dropout=dropout,
-        )  # fmt: skip
-        rows[b].append(seg)
-    return torch.cat([torch.cat(r, dim=2) for r in rows], dim=0)  # (B, Hq, T, D)
+    # Documents grouped by length (attention_packing.DocBuckets): one causal call per bucket of similar-length
+    # documents, each padded to the bucket's longest, instead of one call per document. No (T, T) mask, the causal
+    # saving is kept inside every document, and a row of 80 short documents costs a few batched calls, not 80
+    # (whose slice gradients would each allocate the whole (B, H, T, D) tensor).
+    B, Hq, T, D = q.shape
+    plan = doc_buckets(cu_seqlens)
 
+    def tokens(x: torch.Tensor) -> torch.Tensor:  # (B, H, T, D) -> (B*T, H, D); free for transformers' layout
+        return x.transpose(1, 2).reshape(B * T, x.shape[1], D)
 
-def _row_segments(bounds: list[int], T: int) -> Iterator[tuple[int, int, int, bool]]:
-    """(row, start, end, is_run_of_single_tokens) per document, consecutive one-token documents merged."""
-    run = None  # (row, start, end) of the pending run of one-token documents
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        b, ls = divmod(s, T)
-        le = e - b * T
-        if le > T:
-            raise ValueError(f"cu_seqlens segment [{s}, {e}) crosses the end of row {b} (T={T})")
-        if le - ls == 1:
-            if run is not None and run[0] == b and run[2] == ls:
-                run = (b, run[1], le)
-                continue
-            if run is not None:
-                yield (*run, True)
-            run = (b, ls, le)
-            continue
-        if run is not None:
-            yield (*run, True)
-            run = None
-        yield b, ls, le, False
-    if run is not None:
-        yield (*run, True)
+    qf, kf, vf = tokens(q), tokens(k), tokens(v)
+    outs = []
+    for n, W, gather in plan.buckets:
+        def pick(xf: torch.Tensor) -> torch.Tensor:  # (n, H, W, D)
+            return xf.index_select(0, gather).view(n, W, xf.shape[1], D).transpose(1, 2)
+
+        o = dense(pick(qf), pick(kf), pick(vf), scale=scale, causal=causal, sliding_window=sliding_window, keep=None,
+                  bias=None, dropout=dropout)  # (n, Hq, W, D)
+        outs.append(o.transpose(1, 2).reshape(n * W, Hq, D))
+    out = torch.cat(outs).index_select(0, plan.scatter)  # (B*T, Hq, D), every token back in place
+    return out.view(B, T, Hq, D).transpose(1, 2)  # (B, Hq, T, D)
 
 
 def _flash_attn_attention(q, k, v, *, scale, causal, sliding_window, softcap, cu_seqlens, dropout) -> torch.Tensor:
@@ -528,6 +509,16 @@ def register(name: str = NAME) -> str:
     AttentionInterface.register(name, effine_attention_forward)
     AttentionMaskInterface.register(name, effine_attention_mask)
     return name
+
+
+def keeps_documents_apart(model) -> bool:
+    """Whether ``model``'s attention keeps the documents of a packed row apart: True when it runs through effine's
+    attention function (every backend derives the documents from position_ids); False for a model that keeps its
+    own attention (e.g. Falcon, which does not dispatch through transformers' AttentionInterface)."""
+    model = getattr(model, "module", model)  # DDP
+    cfg = getattr(model, "config", None)
+    return bool(getattr(model, "_supports_attention_backend", False)) and \
+        getattr(cfg, "_attn_implementation", None) == NAME
 
 
 def enable(model, backend: str | None = None) -> str:

@@ -35,7 +35,7 @@ bound the difference (bench/results/kernels.md has the measured ratio to SDPA's 
 
 Scope: self-attention (Tq == Tk), causal, optional sliding window, no dropout, no explicit mask, no softcap —
 :func:`supports` says whether a call qualifies; :mod:`effine.ops.attention` routes everything else to SDPA or
-eager. Packed rows are handled by the caller, one call per document.
+eager. Packed rows are handled by the caller, one call per bucket of similar-length documents.
 """
 
 from __future__ import annotations

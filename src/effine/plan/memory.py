@@ -66,6 +66,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from effine.train.batching import packed_batch_rows
 from effine.config import Config
 from effine.errors import ConfigError
 from effine.quant.swap import check_quant_settings
@@ -347,7 +348,10 @@ def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | N
         model_config, model_dir, ckpt_per_weight = _model_config(cfg)
     inv = _build_inventory(model_config, cfg)
     b = _DTYPE_BYTES[cfg.model.dtype]
-    B, T = cfg.train.batch_size, cfg.data.max_length
+    T = cfg.data.max_length
+    # rows per micro-batch: train.tokens_per_step fixes them; otherwise batch_size rows of T bound them (packed, a
+    # micro-batch takes the rows of batch_size samples on average: never more than batch_size)
+    B = cfg.train.batch_size if cfg.train.tokens_per_step is None else packed_batch_rows(1, 1, cfg)
     N, n = B * T, B * max(T - 1, 1)
     full = cfg.adapter.method == "full"
     notes: list[str] = []
@@ -452,7 +456,7 @@ def plan_memory(cfg: Config, device: str = "cpu", gpu_memory_gb: float | str | N
         notes.append("GPU terms not calibrated here: CUDA context 0.5 GiB and 10% allocator fragmentation assumed")
     if device == "cpu" and zero_copy:
         notes.append("the checkpoint is already in model.dtype: its file pages are the weights (zero copy)")
-    if cfg.data.packing:
+    if cfg.data.packing is not False:
         notes.append("packing fills every row to max_length: the planned worst case is the typical case")
     name = cfg.model.name if model_dir is not None or ckpt_per_weight else (
         getattr(model_config, "name_or_path", "") or f"{inv.model_type} (config)")

@@ -69,10 +69,13 @@ def build_model(recipe: ModelRecipe, *, train: bool = True, model_dir: Path | No
 def _enable_attention(model: nn.Module, recipe: ModelRecipe, device: torch.device, log: Log) -> None:
     from effine.ops.attention import enable
 
+    from effine.ops.attention import keeps_documents_apart
+
     backend = enable(model, None if recipe.attn == "auto" else recipe.attn)
     log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    log(f"attention: effine backend '{backend}' "
-        f"(model.attn={recipe.attn}; packed rows keep attention within each document)")
+    log(f"attention: effine backend '{backend}' (model.attn={recipe.attn}; "
+        + ("packed rows keep attention within each document)" if keeps_documents_apart(model)
+           else "the model's own attention cannot keep packed documents apart: no packing)"))
 
 
 def _build_base(model: nn.Module, recipe: ModelRecipe, log: Log) -> None:

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from effine.config import TrainConfig
+from effine.system.heap import status_bytes
 from effine.data import batch_order
 from effine.train.checkpoint import (CheckpointError, DiskFullError, LoopState, find_resumable, first_nonfinite,
                                      save_checkpoint, updates_applied)
@@ -49,7 +50,7 @@ from effine.train.step import train_step
 class LoopResult:
     state: LoopState
     last_loss: float
-    seconds: float
+    seconds: float  # training time: periodic evaluations (train.eval_every) left out
     tokens_per_s: float
     supervised_per_s: float
 
@@ -90,7 +91,8 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
     state = state or LoopState()
     cfg = dist.global_config(cfg)  # [distributed hook] data order and steps of the global batch (one rank: same)
     total = plan_steps(len(examples), cfg)
-    metrics.write("start", step=state.step, total_steps=total)  # what `effine watch` counts toward
+    # total_steps: what `effine watch` counts toward; rss_bytes: the process with the model loaded, before training
+    metrics.write("start", step=state.step, total_steps=total, rss_bytes=status_bytes("VmRSS"))
     batches = micro_batches(examples, cfg, pad_id, state.epoch, state.batch_index, dist)
     trainable = [p for p in model.parameters() if p.requires_grad]
     guard = NumericsGuard(cfg, metrics, log)
@@ -121,6 +123,7 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
     model.train()
     t_start = time.perf_counter()
     t_log, tok_log, sup_log, loss_acc, loss_n = t_start, 0, 0, 0.0, 0
+    eval_seconds = 0.0
     last_loss = float("nan")
     start_tokens, start_sup = state.tokens_seen, state.supervised_seen
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
@@ -162,9 +165,13 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
                     t_log, tok_log, sup_log, loss_acc, loss_n = time.perf_counter(), 0, 0, 0.0, 0
                 fault("step:logged")
                 if evaluate and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total:
+                    t_eval = time.perf_counter()
                     state.eval_loss = evaluate(state.step)["eval_loss"]
                     log(f"step {state.step}: eval_loss {state.eval_loss:.4f}")
                     model.train()
+                    # evaluation is not training: tokens/s (logged and in the summary) leave its time out
+                    t_eval = time.perf_counter() - t_eval
+                    t_log, eval_seconds = t_log + t_eval, eval_seconds + t_eval
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total:
                     checkpoint()
             bar.close()
@@ -189,7 +196,7 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example
         finally:
             bar.close()
             samples.close()
-    seconds = time.perf_counter() - t_start
+    seconds = time.perf_counter() - t_start - eval_seconds
     return LoopResult(state, last_loss, seconds, (state.tokens_seen - start_tokens) / seconds,
                       (state.supervised_seen - start_sup) / seconds)
 

@@ -22,7 +22,7 @@ from effine.train.checkpoint import file_sha256
 
 DATA_KEYS = ("format", "eval_fraction", "max_eval_rows", "limit", "max_length", "overlength", "train_on",
              "chat_template", "system_prompt", "packing", "seed")
-TRAIN_KEYS = ("batch_size", "grad_accum", "seed")
+TRAIN_KEYS = ("batch_size", "tokens_per_step", "grad_accum", "seed")
 
 
 def _data_file(spec: str | None, cache_dir: Path) -> str | None:

@@ -41,6 +41,7 @@ from effine.model.loader import cache_root, load_tokenizer, resolve_device, reso
 from effine.recipe import ModelRecipe, build_model, write_recipe
 from effine.report import write_report_safely
 from effine.report.facts import run_facts, write_data_example
+from effine.train.batching import check_batching, training_batches
 from effine.train.checkpoint import LoopState, check_disk_space, committed, find_resumable, read_fingerprint
 from effine.train.dist_checkpoint import load_any_checkpoint
 from effine.train.faults import fault
@@ -163,6 +164,7 @@ def _run(cfg: Config, run_dir: Path, log: RunLog, ckpt: Path | None, force: bool
 
     log(allocator_line())
 
+    check_batching(cfg)  # config-only: before anything loads
     t0 = time.perf_counter()
     stop.phase = "loading the data (no training step has run in this process: nothing to save)"
     fault("load:data")
@@ -185,12 +187,6 @@ def _run(cfg: Config, run_dir: Path, log: RunLog, ckpt: Path | None, force: bool
         check_resume(read_fingerprint(ckpt), fingerprint, ckpt, force, log)
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
-    if cfg.data.packing:
-        from effine.data import pack_examples, packing_efficiency
-
-        train_set = pack_examples(train_set, cfg.data.max_length)
-        log(f"packed into {len(train_set):,} rows of <= {cfg.data.max_length} tokens "
-            f"({100 * packing_efficiency(train_set, cfg.data.max_length):.1f}% filled)")
     if dist.is_main:
         (run_dir / "data_report.txt").write_text(report.full())
     log(report.format())
@@ -203,6 +199,8 @@ def _run(cfg: Config, run_dir: Path, log: RunLog, ckpt: Path | None, force: bool
     if dist.is_main:
         write_recipe(run_dir, recipe, model_dir)
     model = build_model(recipe, model_dir=model_dir, log=log)
+    # data.packing / train.tokens_per_step: the rows to train on and how many a micro-batch takes (train/batching)
+    train_set, train_cfg = training_batches(cfg, train_set, model, log)
     t_model = time.perf_counter()
     outputs = sum(p.numel() * p.element_size() for p in model.parameters()
                   if p.requires_grad or cfg.adapter.method == "full" or cfg.output.save_merged)
@@ -214,9 +212,10 @@ def _run(cfg: Config, run_dir: Path, log: RunLog, ckpt: Path | None, force: bool
     def run_eval(step: int) -> dict | None:
         if not eval_set:  # data.eval_fraction: 0 and no eval_path: nothing to measure (never a loss of nan)
             return None
+        t_eval = time.perf_counter()
         res = evaluate(model, eval_set, eval_bs, pad_id, cfg.eval.max_batches, impl=cfg.train.loss_impl,
                        chunk_bytes=cfg.train.loss_chunk_mb * 2**20)
-        metrics.write("eval", step=step, **res)
+        metrics.write("eval", step=step, **res, seconds=round(time.perf_counter() - t_eval, 3))
         return res
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", trackers=open_trackers(cfg, run_dir)) if dist.is_main else quiet
@@ -241,7 +240,7 @@ def _run(cfg: Config, run_dir: Path, log: RunLog, ckpt: Path | None, force: bool
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, cfg.train)
     if ckpt is not None:
-        state = load_any_checkpoint(ckpt, model, optimizer, dist, cfg.train.batch_size * dist.world)
+        state = load_any_checkpoint(ckpt, model, optimizer, dist, train_cfg.batch_size * dist.world)
         metrics.write("resume", step=state.step, checkpoint=str(ckpt))
         log(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, micro-batch {state.batch_index})")
     log(f"time to first step: data {t_data - t0:.1f}s, model {t_model - t_data:.1f}s, "
@@ -250,11 +249,12 @@ def _run(cfg: Config, run_dir: Path, log: RunLog, ckpt: Path | None, force: bool
     from effine.train.loop import train_loop
 
     if dist.active:
-        log(f"global batch: {cfg.train.batch_size} x {cfg.train.grad_accum} accum x {dist.world} processes = "
-            f"{cfg.train.batch_size * cfg.train.grad_accum * dist.world} samples per optimizer step"
+        what = "packed rows" if train_cfg is not cfg.train else "samples"
+        log(f"global batch: {train_cfg.batch_size} x {cfg.train.grad_accum} accum x {dist.world} processes = "
+            f"{train_cfg.batch_size * cfg.train.grad_accum * dist.world} {what} per optimizer step"
             + ("; train.eval_every is not used with several processes (eval runs before and after)"
                if cfg.train.eval_every else ""))
-    result = train_loop(model, optimizer, train_set, cfg.train, pad_id, run_dir, metrics, state,
+    result = train_loop(model, optimizer, train_set, train_cfg, pad_id, run_dir, metrics, state,
                         None if dist.active or not eval_set else run_eval, log, stop=stop, fingerprint=fingerprint,
                         dist=dist)
     # [distributed hook] the trained weights, whole, on rank 0 (which evaluates and saves); the others are done.
