@@ -21,6 +21,9 @@ Workloads:
     smollm2-chat-512    SmolLM2-135M-Instruct, builtin:chitchat (messages, assistant-only labels), T<=512,  B=4
     smollm2-chat-2048   same, T<=2048
     gemma3-completion   Gemma-3-270M, prompt/completion rows derived from chitchat (prompt share ~half), T<=512, B=4
+    short-chat          SmolLM2-135M-Instruct, one user turn + reply per row (<= ~64 tokens), B=8
+    short-completion    Gemma-3-270M, the same pairs as prompt/completion text (<= ~40 tokens), B=8
+    demo                the batch shape of `make demo`: SmolLM2-135M-Instruct, chitchat, T<=384, B=8
     llama-0.5b-random   random-init Llama (random_large_config("llama-0.5b"), 0.49B), SmolLM2-tokenised chitchat
                         with ids folded into its 32000-token vocab (id % 32000), T<=512, B=2
 
@@ -84,6 +87,15 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              data_format="prompt_completion",
              notes="Gemma-3-270M, prompt/completion text (prompt = chat so far, completion = the rest from an "
                    "assistant reply), completion-only labels, prompt share ~1/2"),
+    Workload("short-chat", "smollm2-135m-instruct", "smollm2-135m-instruct", "derived:short-chat", 512, 8,
+             notes="SmolLM2-135M-Instruct, one user turn + its reply per row (<= ~64 tokens), assistant-only labels"),
+    Workload("short-completion", "gemma3-270m", "gemma3-270m", "derived:short-completion", 512, 8,
+             data_format="prompt_completion",
+             notes="Gemma-3-270M, one user turn as prompt and its reply as completion (<= ~40 tokens), "
+                   "completion-only labels"),
+    Workload("demo", "smollm2-135m-instruct", "smollm2-135m-instruct", "builtin:chitchat", 384, 8,
+             notes="the `make demo` batch shape (configs/smollm2-135m-lora.yaml): SmolLM2-135M-Instruct, chitchat, "
+                   "T<=384, B=8"),
     Workload("llama-0.5b-random", "random:llama-0.5b", "smollm2-135m-instruct", "builtin:chitchat", 512, 2,
              fold_vocab=32000,
              notes="random-init Llama 0.49B (28 x 1024, GQA 16/4, MLP 4096, V=32000), chitchat with SmolLM2 "
@@ -134,22 +146,57 @@ def _completion_row(messages: list[dict[str, str]]) -> dict[str, str] | None:
     return {"prompt": prompt, "completion": completion}
 
 
+SHORT_CHARS = 110  # user + reply characters of a short-sample row: <= ~64 tokens with SmolLM2's chat template
+SHORT_ROWS = 6000  # short-sample training rows (the held-out rows come from other conversations)
+SHORT_EVAL_ROWS = 64
+
+
+def _short_pairs(conversations: list[list[dict[str, str]]]) -> list[tuple[str, str]]:
+    """Every (user turn, the assistant reply after it) of the conversations whose two texts together are at most
+    SHORT_CHARS characters: the short instruction/answer rows most user data sets are made of."""
+    pairs = []
+    for messages in conversations:
+        for a, b in zip(messages, messages[1:]):
+            if a["role"] == "user" and b["role"] == "assistant" \
+                    and len(a["content"]) + len(b["content"]) <= SHORT_CHARS and a["content"].strip() \
+                    and b["content"].strip():
+                pairs.append((a["content"], b["content"]))
+    return pairs
+
+
+def _short_rows(name: str, pairs: list[tuple[str, str]]) -> list[dict]:
+    if name.startswith("short-chat"):
+        return [{"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": r}]} for u, r in pairs]
+    return [{"prompt": f"User: {u}\nAssistant:", "completion": f" {r}"} for u, r in pairs]
+
+
 def derived_data_file(name: str) -> Path:
-    """Build (once, deterministically) and return a derived JSONL under bench/cache/data."""
-    if name != "chitchat-completion":
-        raise ValueError(f"unknown derived data {name!r}")
+    """Build (once, deterministically) and return a derived JSONL under bench/cache/data.
+
+    chitchat-completion: see :func:`_completion_row`. short-chat / short-completion (and their -eval held-out
+    files): one user turn and its reply per row (:func:`_short_pairs`), as chat messages or as prompt/completion
+    text; training rows from the first 95% of the conversations, held-out rows from the last 5%."""
+    names = ("chitchat-completion", "short-chat", "short-completion", "short-chat-eval", "short-completion-eval")
+    if name not in names:
+        raise ValueError(f"unknown derived data {name!r}; one of {names}")
     from effine.data import resolve_builtin
 
     out = CACHE_DIR / "data" / f"{name}-v{FILE_VERSION}.jsonl"
     if out.is_file():
         return out
     src = resolve_builtin("builtin:chitchat", cache_root())
-    rows = []
     with src.open(encoding="utf-8") as f:
-        for line in f:
-            row = _completion_row(json.loads(line)["messages"])
-            if row:
-                rows.append(row)
+        conversations = [json.loads(line)["messages"] for line in f if line.strip()]
+    if name.startswith("short"):
+        cut = len(conversations) * 95 // 100
+        if name.endswith("-eval"):
+            pairs = _short_pairs(conversations[cut:])
+            pairs = pairs[:: max(1, len(pairs) // SHORT_EVAL_ROWS)][:SHORT_EVAL_ROWS]
+        else:
+            pairs = _short_pairs(conversations[:cut])[:SHORT_ROWS]
+        rows = _short_rows(name, pairs)
+    else:
+        rows = [r for r in (_completion_row(m) for m in conversations) if r]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

@@ -10,7 +10,7 @@ from effine.data.packing import PackedRow
 from effine.errors import ConfigError
 from effine.model.tiny import tiny_model
 from effine.ops.attention import enable, keeps_documents_apart
-from effine.train.batching import packed_batch_rows, training_batches
+from effine.train.batching import packed_batch_rows, row_capacity, training_batches
 
 
 def _examples(n: int, length: int) -> list[Example]:
@@ -46,6 +46,14 @@ def test_auto_packs_for_effine_attention_and_keeps_the_step_in_samples():
     assert all(isinstance(r, PackedRow) for r in rows) and len(rows) == 10  # 6 samples of 10 tokens per row
     assert train_cfg.batch_size == 1 and cfg.train.batch_size == 6  # 1 row ~ 6 samples; the config is untouched
     assert sorted(w for r in rows for w in r.wheres) == sorted(f"d.jsonl:{i + 1}" for i in range(60))
+    # short samples: rows as long as batch_size samples (3 x 10 tokens), not max_length: still 3 samples a step
+    cfg = load_config(None, ["train.batch_size=3", "data.max_length=64"])
+    rows, train_cfg = training_batches(cfg, _examples(60, 10), model, log=lambda _: None)
+    assert len(rows) == 20 and all(len(r) == 30 for r in rows) and train_cfg.batch_size == 1
+    # long samples: rows of max_length, several per micro-batch
+    cfg = load_config(None, ["train.batch_size=8", "data.max_length=64"])
+    rows, train_cfg = training_batches(cfg, _examples(60, 30), model, log=lambda _: None)
+    assert len(rows) == 30 and train_cfg.batch_size == 4  # 2 samples per row: 8 samples = 4 rows
 
 
 def test_packing_off_keeps_examples_and_batch_size():
