@@ -234,7 +234,8 @@ def _effine_figures(rows: list[dict], t_spawn: float, run_dir: Path) -> dict[str
     if sj.is_file():
         samples = sum(len(json.loads(x)["rows"]) for x in sj.read_text().splitlines()
                       if x.strip() and json.loads(x)["applied"])
-    return {"steps": len(train), "tokens": train[-1]["tokens_seen"] if train else 0, "samples": samples,
+    return {"steps": train[-1]["step"] if train else 0, "tokens": train[-1]["tokens_seen"] if train else 0,
+            "samples": samples,
             "train_s": step_ends[-1] if step_ends else 0.0, "step_ends_s": step_ends, "curve": curve,
             "first_step_wall_s": (train[0]["time"] - t_spawn - eval_before) if train else None,
             "rss_train_begin": start.get("rss_bytes"), "eval_s": eval_s + eval_before,
@@ -281,7 +282,7 @@ def time_to(curve: list[dict], target: float) -> dict[str, Any] | None:
 def summarise(r: dict[str, Any], target: float | None) -> dict[str, Any]:
     if "error" in r:
         return {"error": r["error"]}
-    ends = r["step_ends_s"]
+    ends = r["step_ends_s"] if len(r["step_ends_s"]) == r["steps"] else []  # per-step times need log_every: 1
     steps_dt = [b - a for a, b in zip([0.0] + ends[:-1], ends)]
     s = {"steps": r["steps"], "tokens_per_s": r["tokens"] / r["train_s"] if r["train_s"] else None,
          "samples_per_s": r["samples"] / r["train_s"] if r["train_s"] else None,
@@ -407,8 +408,13 @@ def main() -> None:
             log(f"[product] {name}: {side} ...")
             t0 = time.time()
             run = run_trl if side.startswith("trl") else run_effine
-            r = run(p, side, steps, None if side in ("trl-shipped", "demo-as-shipped") else target, args.timeout,
-                    log)
+            stop_at = None if side in ("trl-shipped", "demo-as-shipped") else target
+            side_steps = steps
+            if p.base_config and side == "effine" and not args.steps:
+                # the demo's own run length, not stopped at the target (its time to the target is read from the
+                # curve): the same steps as demo-as-shipped, for the guard that compares their tokens/s
+                side_steps, stop_at = yaml.safe_load((ROOT / p.base_config).read_text())["train"]["max_steps"], None
+            r = run(p, side, side_steps, stop_at, args.timeout, log)
             raw[side] = r
             if side == "trl-shipped" and "error" not in r and r["curve"]:
                 target = r["curve"][-1]["eval_loss"]
