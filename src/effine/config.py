@@ -82,8 +82,9 @@ class DataConfig:
         "positions stay within each sample, no padding to compute). auto: on when the model's attention keeps "
         "packed samples apart (every family effine's attention serves), off otherwise (said in the log); true: on, "
         "an error where it cannot be exact; false: off. train.batch_size still counts samples: a packed "
-        "micro-batch takes as many rows as hold batch_size samples on average, so packing changes the work per "
-        "sample, not the number of steps or the samples per step (train.tokens_per_step sets rows by tokens).")
+        "micro-batch takes as many rows as hold batch_size samples on average (short samples: one row only as "
+        "long as batch_size samples), so packing changes the work per sample, not the number of steps or the "
+        "samples per step (train.tokens_per_step sets rows by tokens).")
     seed: int = _f(1234, "Seed for the train/eval split and the shuffling order.")
     max_bad_fraction: float = _f(0.1, "Stop when more than this share of the rows read are dropped as unusable (no "
                                  "assistant turn, empty or non-text content, tool calls, overlong lines; listed in "

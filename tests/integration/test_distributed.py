@@ -218,7 +218,8 @@ def test_cli_nproc_trains_qlora_on_two_ranks_and_rank0_alone_writes(tmp_path, ti
             "data.eval_fraction=0.2", f"output.dir={tmp_path}/run", "adapter.r=4", "adapter.alpha=8",
             "train.lr=5e-3", "train.batch_size=2", "train.log_every=1", "train.warmup_steps=0", "train.max_steps=4",
             "train.save_every=2", "train.parallel=fsdp", "quant.method=nf4", "eval.max_new_tokens=2",
-            "eval.prompts_from_eval=0", "data.packing=false"]  # QLoRA: the quantized base is sharded, gathered and rebuilt on rank 0
+            "eval.prompts_from_eval=0", "data.packing=false"]
+    # QLoRA: the quantized base is sharded, gathered and rebuilt on rank 0
     (tmp_path / "cfg.yaml").write_text("{}\n")  # every setting comes from --set
     cmd = [sys.executable, "-m", "effine", "train", str(tmp_path / "cfg.yaml"), "--nproc", "2"]
     cmd += sum((["--set", s] for s in sets), [])

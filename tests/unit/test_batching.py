@@ -35,6 +35,15 @@ def test_rows_per_micro_batch_hold_batch_size_samples_or_the_token_budget():
     assert packed_batch_rows(6000, 600, cfg) == 4  # 4096 / (2 x 512)
     cfg = load_config(None, ["train.tokens_per_step=100", "data.max_length=512"])
     assert packed_batch_rows(6000, 600, cfg) == 1  # at least one row
+    assert row_capacity([50] * 10, cfg) == 512  # tokens_per_step: rows of max_length
+
+
+def test_short_samples_get_rows_of_batch_size_samples():
+    cfg = load_config(None, ["train.batch_size=8", "data.max_length=512"])
+    assert row_capacity([50] * 10, cfg) == 400 and row_capacity([50, 450], cfg) == 512
+    assert row_capacity([10, 10, 10, 130], cfg) == 320  # 8 x the mean 40
+    cfg = load_config(None, ["train.batch_size=2", "data.max_length=512"])
+    assert row_capacity([10, 10, 10, 130], cfg) == 130  # 2 x 40 = 80, but the longest sample must fit
 
 
 def test_auto_packs_for_effine_attention_and_keeps_the_step_in_samples():
