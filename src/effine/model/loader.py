@@ -197,6 +197,30 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return dev
 
 
+def _packaged_weights(model_dir: Path, dtype: str) -> Path:
+    """Where to read a model's weights from: ``model_dir``, or for a packaged model converted from GGUF (cached in
+    fp32 by :func:`convert_gguf`) a copy of it in the compute ``dtype`` beside it, written once.
+
+    Why: reading an fp32 checkpoint into bf16 maps every fp32 page of the file while the bf16 copies are made, so the
+    load peak is the fp32 file plus the bf16 model (Gemma-3-270M: a 2.50 GB whole-process peak, above anything its
+    training needs). The copy holds exactly what that load produces (the fp32 values rounded to ``dtype``)."""
+    if dtype == "fp32" or not (model_dir / "effine_source.json").is_file():
+        return model_dir
+    out = model_dir.with_name(f"{model_dir.name}@{dtype}")
+    if (out / "model.safetensors").is_file():
+        return out
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype], use_safetensors=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    del model
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # atomic, as for the fp32 cache
+    return out
+
+
 def load_model(model_dir: Path, dtype: str = "bf16", attn: str = "sdpa", trust_remote_code: bool = False,
                device: str | torch.device = "cpu") -> torch.nn.Module:
     """Load a causal LM from a local dir: safetensors only, in the requested compute dtype."""
@@ -212,7 +236,7 @@ def load_model(model_dir: Path, dtype: str = "bf16", attn: str = "sdpa", trust_r
                          "(they can run arbitrary code); convert them to safetensors first.")
     check_shard_index(model_dir)
     model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=DTYPES[dtype], attn_implementation=attn, use_safetensors=True,
+        str(_packaged_weights(model_dir, dtype)), dtype=DTYPES[dtype], attn_implementation=attn, use_safetensors=True,
         trust_remote_code=trust_remote_code,
     )
     return model.to(device)
