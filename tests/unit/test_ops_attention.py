@@ -442,6 +442,12 @@ def _many_docs(B: int, T: int, seed: int, max_len: int = 12) -> torch.Tensor:
     return torch.tensor(bounds)
 
 
+def test_a_document_crossing_a_row_end_is_an_error():
+    q, k, v = _qkv(T=32)
+    with pytest.raises(ValueError, match="crosses the end of row 0"):
+        attention(q, k, v, backend="sdpa", cu_seqlens=torch.tensor([0, 20, 40, 64]))
+
+
 def test_doc_buckets_cover_every_token_once():
     from effine.ops.attention_packing import DocBuckets
 

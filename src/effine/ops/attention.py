@@ -259,7 +259,7 @@ def _sdpa_attention(q, k, v, *, scale, causal, sliding_window, cu_seqlens, mask,
     # saving is kept inside every document, and a row of 80 short documents costs a few batched calls, not 80
     # (whose slice gradients would each allocate the whole (B, H, T, D) tensor).
     B, Hq, T, D = q.shape
-    plan = doc_buckets(cu_seqlens)
+    plan = doc_buckets(cu_seqlens, T)  # a document that crosses a row end is an error
 
     def tokens(x: torch.Tensor) -> torch.Tensor:  # (B, H, T, D) -> (B*T, H, D); free for transformers' layout
         return x.transpose(1, 2).reshape(B * T, x.shape[1], D)

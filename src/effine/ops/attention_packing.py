@@ -70,10 +70,13 @@ class DocBuckets:
     index_add: no per-document slices whose gradients would each allocate the whole tensor).
     """
 
-    def __init__(self, bounds: list[int], device) -> None:
+    def __init__(self, bounds: list[int], device, row_length: int | None = None) -> None:
         starts, ends = bounds[:-1], bounds[1:]
         by_class: dict[int, list[int]] = {}
         for d, (s, e) in enumerate(zip(starts, ends)):
+            if row_length is not None and (e - 1) // row_length != s // row_length:
+                raise ValueError(f"cu_seqlens segment [{s}, {e}) crosses the end of row {s // row_length} "
+                                 f"(T={row_length})")
             by_class.setdefault(_width_class(e - s), []).append(d)
         self.buckets: list[tuple[int, int, torch.Tensor]] = []  # (n docs, width, gather indices (n * W,))
         scatter = torch.empty(bounds[-1], dtype=torch.long)
@@ -96,12 +99,12 @@ class DocBuckets:
 _BUCKETS_ATTR = "_effine_doc_buckets"
 
 
-def doc_buckets(cu_seqlens: torch.Tensor) -> DocBuckets:
+def doc_buckets(cu_seqlens: torch.Tensor, row_length: int | None = None) -> DocBuckets:
     """The :class:`DocBuckets` of these offsets, computed once per tensor (every layer of a forward passes the
     same cu_seqlens tensor) and kept on it."""
     hit = getattr(cu_seqlens, _BUCKETS_ATTR, None)
     if hit is None:
-        hit = DocBuckets(cu_seqlens.tolist(), cu_seqlens.device)
+        hit = DocBuckets(cu_seqlens.tolist(), cu_seqlens.device, row_length)
         try:
             setattr(cu_seqlens, _BUCKETS_ATTR, hit)
         except (AttributeError, RuntimeError):
